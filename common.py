@@ -1,0 +1,561 @@
+"""What the three method scripts share: data on the device, the training loop, checkpoints, command line.
+
+Run alone it trains one model with the standard recipe (teachers and the plain-student baselines):
+
+    python common.py --model resnet32x4                       # CIFAR-100, 240 epochs, SGD recipe
+    python common.py --model resnet8 --dataset folder --data-dir ~/data/cifar10 --train-subset 5000 --epochs 20
+
+Data: the whole dataset is a uint8 tensor on the training device; crop (4-pixel zero padding), flip and
+normalisation run batched there, driven by a generator seeded with (seed, epoch), so an epoch's batches
+are the same whether a run was resumed or not. Training: one loop (`fit`) for every script; bf16
+autocast and channels_last on CUDA, fp32 on CPU; evaluation every epoch; `metrics.jsonl`,
+`summary.json`, a resumable `checkpoint.pt` written atomically every epoch, and the final model in the
+benchmark format `{'model': state_dict, 'epoch', 'accuracy'}` as `model.pth`.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models import MODEL_NAMES, create_model, model_family
+
+NORMALIZATION = {  # the benchmark's per-channel mean and std
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+def log(message):
+    print(message, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+class Data:
+    """uint8 images (N, 3, 32, 32) and int64 labels for train and test, on one device."""
+
+    def __init__(self, train_x, train_y, test_x, test_y, num_classes, mean, std, name):
+        self.train_x, self.train_y, self.test_x, self.test_y = train_x, train_y, test_x, test_y
+        self.num_classes, self.name = num_classes, name
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+
+    def to(self, device):
+        for key in ("train_x", "train_y", "test_x", "test_y", "mean", "std"):
+            setattr(self, key, getattr(self, key).to(device))
+        return self
+
+    def normalize(self, x_uint8):
+        return (x_uint8.float().div_(255) - self.mean) / self.std
+
+
+def load_cifar(name, data_dir):
+    import torchvision  # only needed for the official CIFAR files
+
+    cls = torchvision.datasets.CIFAR100 if name == "cifar100" else torchvision.datasets.CIFAR10
+    splits = []
+    for train in (True, False):
+        try:
+            ds = cls(data_dir, train=train, download=False)
+        except RuntimeError:
+            try:
+                ds = cls(data_dir, train=train, download=True)
+            except Exception as error:
+                raise SystemExit(
+                    f"error: {name} is not in {data_dir}/ and could not be downloaded ({type(error).__name__}). "
+                    f"On a machine with network run: python -c \"import torchvision; torchvision.datasets."
+                    f"{cls.__name__}('{data_dir}', download=True)\" and copy {data_dir}/ here, or pass "
+                    f"--data-dir DIR where it is, or use --dataset folder/synthetic.") from None
+        splits += [torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)]
+    return splits, len(ds.classes)
+
+
+def load_image_folder(root):
+    """`root/train/<class>/*` and `root/test/<class>/*`, any size and mode, as RGB 32x32 uint8."""
+    from PIL import Image  # torchvision depends on Pillow
+
+    root = Path(root).expanduser()
+    if not (root / "train").is_dir() or not (root / "test").is_dir():
+        raise SystemExit(f"error: {root}/ has no train/ and test/ folders of class sub-folders. For the "
+                         f"CIFAR-10 images: mkdir -p {root} && tar -xzf ../shared/data/cifar10_jpeg.tar.gz -C {root}")
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    splits = []
+    for split in ("train", "test"):
+        images, labels = [], []
+        for label, cls in enumerate(classes):
+            for path in sorted((root / split / cls).iterdir()):
+                if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                    continue
+                with Image.open(path) as img:
+                    img = img.convert("RGB")
+                    if img.size != (32, 32):
+                        img = img.resize((32, 32), Image.BILINEAR)
+                    images.append(np.asarray(img))
+                labels.append(label)
+        if not images:
+            raise SystemExit(f"error: no images found under {root / split}/<class>/")
+        splits += [torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)]
+    return splits, len(classes)
+
+
+def make_synthetic(num_classes=10, train_size=10000, test_size=2000, seed=1234):
+    """A learnable image task with no files: each class is a smooth random colour pattern; samples are
+    that pattern shifted by up to 4 pixels, rescaled in contrast and covered in strong noise."""
+    g = torch.Generator().manual_seed(seed)
+    prototypes = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), size=32, mode="bicubic",
+                               align_corners=False)
+    splits = []
+    for n in (train_size, test_size):
+        labels = torch.arange(n) % num_classes
+        x = prototypes[labels]
+        shifts = torch.randint(-4, 5, (n, 2, 1), generator=g)
+        rows, cols = (torch.arange(32) - shifts[:, 0]) % 32, (torch.arange(32) - shifts[:, 1]) % 32
+        x = x[torch.arange(n)[:, None, None, None], torch.arange(3)[None, :, None, None],
+              rows[:, None, :, None], cols[:, None, None, :]]  # a circular shift of each image
+        x = 0.5 + (x - 0.5) * (0.5 + torch.rand(n, 1, 1, 1, generator=g)) + 0.35 * torch.randn(x.shape, generator=g)
+        splits += [(x.clamp(0, 1) * 255).round().to(torch.uint8), labels]
+    return splits, num_classes
+
+
+def balanced_subset(labels, size, num_classes, seed):
+    """Indices of `size` samples, size // num_classes from every class, chosen with a fixed seed."""
+    per_class = size // num_classes
+    g = torch.Generator().manual_seed(seed)
+    picks = []
+    for c in range(num_classes):
+        idx = (labels == c).nonzero().flatten()
+        if len(idx) < per_class:
+            raise SystemExit(f"error: --train-subset {size} needs {per_class} images of class {c}, it has {len(idx)}")
+        picks.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
+    return torch.cat(picks).sort().values
+
+
+def load_data(args, device):
+    if args.dataset in ("cifar100", "cifar10"):
+        (train_x, train_y, test_x, test_y), num_classes = load_cifar(args.dataset, args.data_dir)
+        mean, std = NORMALIZATION[args.dataset]
+    else:
+        if args.dataset == "folder":
+            (train_x, train_y, test_x, test_y), num_classes = load_image_folder(args.data_dir)
+        else:
+            (train_x, train_y, test_x, test_y), num_classes = make_synthetic()
+    if args.train_subset:
+        keep = balanced_subset(train_y, args.train_subset, num_classes, seed=0)
+        train_x, train_y = train_x[keep], train_y[keep]
+    if args.dataset in ("folder", "synthetic"):  # statistics of the images actually trained on
+        pixels = train_x.float().div(255)
+        mean, std = pixels.mean((0, 2, 3)).tolist(), pixels.std((0, 2, 3)).tolist()
+    return Data(train_x, train_y, test_x, test_y, num_classes, mean, std, args.dataset).to(device)
+
+
+def dataset_tag(args):
+    """Names what a teacher was trained on, for its place under checkpoints/."""
+    tag = args.dataset if args.dataset != "folder" else "folder-" + Path(args.data_dir).expanduser().resolve().name
+    return tag + (f"-subset{args.train_subset}" if args.train_subset else "")
+
+
+def train_batches(data, batch_size, seed, epoch, channels_last=False):
+    """Shuffled, augmented, normalised batches: random crop after 4-pixel zero padding, horizontal flip.
+    The randomness of an epoch depends only on (seed, epoch)."""
+    n = len(data.train_y)
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=g).to(data.train_x.device)
+    offsets = torch.randint(0, 9, (n, 2), generator=g).to(data.train_x.device)
+    flips = (torch.rand(n, generator=g) < 0.5).to(data.train_x.device)
+    arange32 = torch.arange(32, device=data.train_x.device)
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        x = F.pad(data.train_x[idx], (4, 4, 4, 4))  # zero pixels, like the benchmark's padded PIL crop
+        rows = (offsets[start:start + batch_size, 0, None] + arange32)[:, None, :, None]
+        cols = (offsets[start:start + batch_size, 1, None] + arange32)[:, None, None, :]
+        x = x[torch.arange(len(idx), device=x.device)[:, None, None, None],
+              torch.arange(3, device=x.device)[None, :, None, None], rows, cols]
+        x = torch.where(flips[start:start + batch_size, None, None, None], x.flip(3), x)
+        x = data.normalize(x)
+        yield (x.contiguous(memory_format=torch.channels_last) if channels_last else x), data.train_y[idx]
+
+
+def test_batches(data, batch_size=500, channels_last=False):
+    for start in range(0, len(data.test_y), batch_size):
+        x = data.normalize(data.test_x[start:start + batch_size])
+        yield (x.contiguous(memory_format=torch.channels_last) if channels_last else x), data.test_y[start:start + batch_size]
+
+
+# ------------------------------------------------------------------------------------------- recipes
+
+def make_recipe(args, family, epochs=None, use_overrides=True):
+    """The training recipe for a model family; flags given on the command line override it.
+
+    cnn: the CIFAR benchmark's SGD recipe (lr 0.05, momentum 0.9, wd 5e-4, batch 64, x0.1 at 62.5/75/87.5 %
+    of the epochs, i.e. 150/180/210 of 240). token (ViT/Mixer): AdamW lr 1e-3, wd 0.05, batch 128, cosine
+    with linear warm-up (5 epochs, at most a tenth of the run), label smoothing 0.1."""
+    if family == "cnn":
+        recipe = dict(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=64,
+                      schedule="step", lr_decay=0.1, warmup_epochs=0, label_smoothing=0.0)
+    else:
+        recipe = dict(optimizer="adamw", lr=1e-3, momentum=0.9, weight_decay=0.05, batch_size=128,
+                      schedule="cosine", lr_decay=0.1, warmup_epochs=None, label_smoothing=0.1)
+    recipe.update(epochs=epochs or args.epochs, milestones=None, grad_clip=0.0)
+    if use_overrides:
+        recipe.update({k: getattr(args, k) for k in recipe if k != "epochs" and getattr(args, k, None) is not None})
+    if recipe["warmup_epochs"] is None:
+        recipe["warmup_epochs"] = min(5, recipe["epochs"] // 10)
+    if recipe["milestones"] is None:
+        recipe["milestones"] = [round(recipe["epochs"] * f) for f in (0.625, 0.75, 0.875)]
+    return recipe
+
+
+def learning_rate(recipe, progress):
+    """Learning rate at `progress` epochs (a float: epoch + fraction of the epoch done)."""
+    base = recipe["lr"]
+    if progress < recipe["warmup_epochs"]:
+        return base * (progress + 1e-3) / recipe["warmup_epochs"]
+    if recipe["schedule"] == "cosine":
+        t = (progress - recipe["warmup_epochs"]) / max(1e-8, recipe["epochs"] - recipe["warmup_epochs"])
+        return base * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return base * recipe["lr_decay"] ** sum(progress >= m for m in recipe["milestones"])
+
+
+def make_optimizer(recipe, params, device):
+    fused = {"fused": True} if device.type == "cuda" else {}
+    if recipe["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=recipe["lr"], momentum=recipe["momentum"],
+                               weight_decay=recipe["weight_decay"], **fused)
+    return torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=recipe["weight_decay"], **fused)
+
+
+# --------------------------------------------------------------------------------------- checkpoints
+
+def save_atomic(obj, path):
+    """Write to a temporary file, then rename: a run killed mid-write never leaves a broken file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def identify_architecture(state_dict):
+    """The zoo name whose state_dict keys and shapes match, or None. Builds models on the meta device."""
+    num_classes = state_dict["fc.weight"].shape[0] if "fc.weight" in state_dict else 100
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    for name in MODEL_NAMES:
+        with torch.device("meta"):
+            reference = create_model(name, num_classes).state_dict()
+        if {k: tuple(v.shape) for k, v in reference.items()} == shapes:
+            return name
+    return None
+
+
+def load_weights(model, path):
+    """Load a checkpoint (benchmark format, ours, or a bare state_dict) into `model`, strictly."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"error: checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise SystemExit(f"error: {path} is not a readable PyTorch checkpoint ({error})") from None
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise SystemExit(f"error: {path} holds no state_dict (expected a dict with a 'model' entry)")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    want_classes = model.fc.out_features
+    found_classes = state["fc.weight"].shape[0] if "fc.weight" in state else None
+    found_arch = checkpoint.get("arch") or identify_architecture(state) or "an unknown architecture"
+    if found_arch != model.arch or found_classes != want_classes:
+        raise SystemExit(f"error: {path} holds {found_arch} with {found_classes} classes, but {model.arch} "
+                         f"with {want_classes} classes was asked for")
+    model.load_state_dict(state, strict=True)
+    return checkpoint
+
+
+def model_file(model, epoch, accuracy):
+    """The benchmark's checkpoint format, plus the architecture name and class count for safer loading."""
+    return {"model": model.state_dict(), "epoch": epoch, "accuracy": accuracy, "arch": model.arch,
+            "num_classes": model.fc.out_features}
+
+
+# --------------------------------------------------------------------------------------- the loop
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def format_seconds(s):
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def default_eval(model):
+    def evaluate(x, y):
+        return {"test_acc": 100.0 * (model(x).argmax(1) == y).float().mean()}
+    return evaluate
+
+
+def fit(args, data, model, out_dir, recipe, loss_fn=None, train_modules=None, eval_fn=None, title=""):
+    """Train and evaluate `model`; return the summary dict.
+
+    model: the network that is evaluated and saved as `model.pth` (the student).
+    train_modules: the modules put in train mode each epoch and whose trainable parameters are optimised
+        (default [model]); everything else stays in eval mode, a teacher or frozen stages for example.
+        Their state goes into the resumable checkpoint (connectors, projectors), not into `model.pth`.
+    loss_fn(x, y, progress) -> (loss, {name: scalar tensor}): the training objective; `progress` is the
+        float epoch. The named terms are averaged over the epoch and logged. Default: cross-entropy.
+    eval_fn(x, y) -> {name: batch-mean tensor}: test metrics, averaged over the test set; 'test_acc' (in %)
+        is tracked for best/last accuracy when present. Default: the model's accuracy.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = data.train_x.device
+    train_modules = train_modules or [model]
+    eval_fn = eval_fn or default_eval(model)
+    if loss_fn is None:
+        def loss_fn(x, y, progress):
+            loss = F.cross_entropy(model(x), y, label_smoothing=recipe["label_smoothing"])
+            return loss, {}
+    step_fn = torch.compile(loss_fn) if args.compile else loss_fn
+    channels_last = device.type == "cuda"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    params = [p for m in train_modules for p in m.parameters() if p.requires_grad]
+    params = list({id(p): p for p in params}.values())
+    optimizer = make_optimizer(recipe, params, device)
+
+    checkpoint_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.jsonl"
+    start_epoch, best_acc, best_epoch, history = 0, None, None, []
+    if args.resume and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        for module, module_state in zip(train_modules, state["train_modules"]):
+            module.load_state_dict(module_state)
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, best_acc, best_epoch, history = state["epoch"], state["best_acc"], state["best_epoch"], state["history"]
+        log(f"resumed {out_dir} at epoch {start_epoch}/{recipe['epochs']}")
+    with open(metrics_path, "w") as f:  # rewritten from the checkpoint's history: no duplicate epochs after a resume
+        f.writelines(json.dumps(h) + "\n" for h in history)
+
+    steps_per_epoch = math.ceil(len(data.train_y) / recipe["batch_size"])
+    run_start = time.time()
+    trained_seconds = sum(h["seconds"] for h in history)
+    log(f"{title or model.arch}: {recipe['epochs']} epochs x {steps_per_epoch} steps, batch {recipe['batch_size']}, "
+        f"{recipe['optimizer']} lr {recipe['lr']}, {count_params(model):,} params, device {device}")
+    for epoch in range(start_epoch, recipe["epochs"]):
+        model.eval()
+        for module in train_modules:
+            module.train()
+        epoch_start = last_print = time.time()
+        loss_sum = torch.zeros((), device=device)
+        term_sums, seen = {}, 0
+        for step, (x, y) in enumerate(train_batches(data, recipe["batch_size"], args.seed, epoch, channels_last)):
+            progress = epoch + step / steps_per_epoch
+            lr = learning_rate(recipe, progress)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast:
+                loss, terms = step_fn(x, y, progress)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if recipe["grad_clip"]:
+                nn.utils.clip_grad_norm_(params, recipe["grad_clip"])
+            optimizer.step()
+            # Sums stay on the device: no host sync per step.
+            loss_sum += loss.detach().float() * len(y)
+            for name, value in terms.items():
+                term_sums[name] = term_sums.get(name, 0) + value.detach().float() * len(y)
+            seen += len(y)
+            if time.time() - last_print > args.log_every and step + 1 < steps_per_epoch:
+                last_print = time.time()
+                check_finite(loss_sum, epoch, checkpoint_path)
+                speed = seen / (last_print - epoch_start)
+                log(f"  epoch {epoch + 1} step {step + 1}/{steps_per_epoch} loss {loss_sum.item() / seen:.4f} "
+                    f"{speed:.0f} img/s")
+        check_finite(loss_sum, epoch, checkpoint_path)
+        train_seconds = time.time() - epoch_start
+        row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / seen, "lr": lr,
+               "images_per_sec": seen / train_seconds}
+        row.update({name: value.item() / seen for name, value in term_sums.items()})
+        row.update(evaluate(data, eval_fn, model, train_modules, autocast, channels_last))
+        row["seconds"] = time.time() - epoch_start
+        trained_seconds += row["seconds"]
+        if "test_acc" in row and (best_acc is None or row["test_acc"] > best_acc):
+            best_acc, best_epoch = row["test_acc"], epoch + 1
+        history.append(row)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        save_atomic({"model": model.state_dict(), "train_modules": [m.state_dict() for m in train_modules],
+                     "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "best_acc": best_acc,
+                     "best_epoch": best_epoch, "history": history}, checkpoint_path)
+        eta = (recipe["epochs"] - epoch - 1) * trained_seconds / len(history)
+        shown = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "lr", "images_per_sec", "seconds"))
+        log(f"epoch {epoch + 1}/{recipe['epochs']} {shown} lr {lr:.4g} {row['images_per_sec']:.0f} img/s "
+            f"{row['seconds']:.1f}s ETA {format_seconds(eta)}")
+
+    last = history[-1] if history else {}
+    if "test_acc" in last:
+        save_atomic(model_file(model, recipe["epochs"], last["test_acc"]), out_dir / "model.pth")
+    summary = {"last_acc": last.get("test_acc"), "best_acc": best_acc, "best_epoch": best_epoch,
+               "epochs": recipe["epochs"], "params": count_params(model), "seconds": trained_seconds,
+               "last_epoch": last, "recipe": recipe, "config": vars(args)}
+    with open(out_dir / "summary.json", "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+    log(f"done in {format_seconds(time.time() - run_start)}: last acc {summary['last_acc']}, best {best_acc} "
+        f"(epoch {best_epoch}) -> {out_dir}")
+    return summary
+
+
+def check_finite(loss_sum, epoch, checkpoint_path):
+    if not torch.isfinite(loss_sum):
+        kept = f"the last good checkpoint {checkpoint_path} is intact" if checkpoint_path.exists() else "no checkpoint was written"
+        raise FloatingPointError(f"the training loss became NaN/inf in epoch {epoch + 1}; stopped ({kept}). "
+                                 f"Lower the learning rate or the loss weights, then rerun with --resume.")
+
+
+@torch.no_grad()
+def evaluate(data, eval_fn, model, train_modules, autocast, channels_last):
+    model.eval()
+    for module in train_modules:
+        module.eval()
+    sums, n = {}, 0
+    with autocast:
+        for x, y in test_batches(data, channels_last=channels_last):
+            for name, value in eval_fn(x, y).items():
+                sums[name] = sums.get(name, 0) + value.float() * len(y)
+            n += len(y)
+    return {name: value.item() / n for name, value in sums.items()}
+
+
+# ------------------------------------------------------------------------------------------ teacher
+
+def teacher_candidates(args):
+    root = Path(args.checkpoint_dir)
+    paths = [root / dataset_tag(args) / f"{args.teacher}.pth"]
+    if args.dataset == "cifar100" and not args.train_subset:  # the public benchmark layout
+        paths += [root / f"{args.teacher}_vanilla" / "ckpt_epoch_240.pth",
+                  root / "cifar_teachers" / f"{args.teacher}_vanilla" / "ckpt_epoch_240.pth"]
+    return paths
+
+
+def load_teacher(args, data):
+    """The frozen teacher in eval mode: from --teacher-ckpt, else from checkpoints/, else trained first."""
+    device = data.train_x.device
+    teacher = create_model(args.teacher, data.num_classes)
+    path = args.teacher_ckpt or next((p for p in teacher_candidates(args) if p.exists()), None)
+    if path is None:
+        target = teacher_candidates(args)[0]
+        log(f"no {args.teacher} teacher checkpoint for {dataset_tag(args)} (looked for "
+            f"{', '.join(map(str, teacher_candidates(args)))}); training it first with the standard "
+            f"{model_family(args.teacher)} recipe for {args.teacher_epochs} epochs -> {target}")
+        recipe = make_recipe(args, model_family(args.teacher), epochs=args.teacher_epochs, use_overrides=False)
+        torch.manual_seed(args.seed)
+        teacher_args = argparse.Namespace(**{**vars(args), "resume": True})  # a killed teacher run continues
+        fit(teacher_args, data, teacher.to(device), target.parent / f"{args.teacher}_run", recipe,
+            title=f"teacher {args.teacher}")
+        os.replace(target.parent / f"{args.teacher}_run" / "model.pth", target)
+        path = target
+    checkpoint = load_weights(teacher, path)
+    log(f"teacher {args.teacher} from {path} (epoch {checkpoint.get('epoch')}, accuracy {checkpoint.get('accuracy')})")
+    teacher.to(device).eval()
+    if device.type == "cuda":
+        teacher.to(memory_format=torch.channels_last)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+# ------------------------------------------------------------------------------------- command line
+
+def add_common_args(parser):
+    """Flags every script shares: data, recipe, output, device. Recipe flags left unset take the model
+    family's default (see make_recipe)."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", default="cifar100", choices=["cifar100", "cifar10", "folder", "synthetic"],
+                   help="cifar100/cifar10 (torchvision files in --data-dir), folder (DIR/train/<class>/*, "
+                        "DIR/test/<class>/*), or synthetic (generated, for smoke runs and tests)")
+    g.add_argument("--data-dir", default="data", help="where the dataset is (default: data)")
+    g.add_argument("--train-subset", type=int, default=0, metavar="N",
+                   help="train on a class-balanced subset of N images (fixed choice, same for every seed)")
+    g = parser.add_argument_group("training recipe (unset: the student family's default)")
+    g.add_argument("--epochs", type=int, default=240, help="training epochs (default 240)")
+    g.add_argument("--batch-size", type=int, help="batch size (cnn 64, token 128)")
+    g.add_argument("--lr", type=float, help="peak learning rate (cnn 0.05, token 1e-3)")
+    g.add_argument("--optimizer", choices=["sgd", "adamw"], help="cnn sgd, token adamw")
+    g.add_argument("--momentum", type=float, help="SGD momentum (0.9)")
+    g.add_argument("--weight-decay", type=float, help="weight decay (cnn 5e-4, token 0.05)")
+    g.add_argument("--schedule", choices=["step", "cosine"], help="cnn step, token cosine")
+    g.add_argument("--milestones", type=int, nargs="+",
+                   help="step schedule epochs (default 62.5/75/87.5%% of --epochs: 150 180 210 of 240)")
+    g.add_argument("--lr-decay", type=float, help="step schedule factor (0.1)")
+    g.add_argument("--warmup-epochs", type=float, help="linear lr warm-up (cnn 0, token min(5, epochs/10))")
+    g.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing (cnn 0, token 0.1)")
+    g.add_argument("--grad-clip", type=float, help="clip the gradient norm (default off)")
+    g = parser.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0, help="seed of initialisation and augmentation (default 0)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    g.add_argument("--out-dir", help="where metrics.jsonl, summary.json and checkpoints go (default under runs/)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last epoch")
+    g.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    g.add_argument("--log-every", type=float, default=30, help="seconds between progress lines within an epoch")
+    g.add_argument("--checkpoint-dir", default="checkpoints", help="where teachers are looked for and saved")
+
+
+def add_distill_args(parser):
+    g = parser.add_argument_group("teacher and student")
+    g.add_argument("--teacher", default="resnet32x4", choices=MODEL_NAMES, metavar="NAME",
+                   help="teacher architecture (default resnet32x4)")
+    g.add_argument("--student", default="resnet8x4", choices=MODEL_NAMES, metavar="NAME",
+                   help="student architecture (default resnet8x4); names: " + ", ".join(MODEL_NAMES))
+    g.add_argument("--teacher-ckpt", type=Path,
+                   help="teacher checkpoint; default: checkpoints/<dataset>/<teacher>.pth or the public "
+                        "checkpoints/<teacher>_vanilla/ckpt_epoch_240.pth, else the teacher is trained first")
+    g.add_argument("--teacher-epochs", type=int, default=240,
+                   help="epochs when a missing teacher is trained first (default 240, the standard recipe)")
+
+
+def setup(args, run_name):
+    """Seed, device, data and output directory, the same for every script."""
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is visible; use --device cpu")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    data = load_data(args, device)
+    args.out_dir = args.out_dir or str(Path("runs") / f"{run_name}_{dataset_tag(args)}_seed{args.seed}")
+    log(f"data: {data.name}, {len(data.train_y)} train / {len(data.test_y)} test images, {data.num_classes} "
+        f"classes; output: {args.out_dir}")
+    torch.manual_seed(args.seed)
+    return device, data
+
+
+def run_main(main):
+    """Turn a NaN stop into one clear line and exit code 1 instead of a traceback."""
+    try:
+        main()
+    except FloatingPointError as error:
+        log(f"error: {error}")
+        sys.exit(1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Train one model alone with the standard recipe "
+                                     "(teachers, plain-student baselines).")
+    parser.add_argument("--model", required=True, choices=MODEL_NAMES, metavar="NAME",
+                        help="architecture: " + ", ".join(MODEL_NAMES))
+    add_common_args(parser)
+    args = parser.parse_args()
+    device, data = setup(args, args.model)
+    model = create_model(args.model, data.num_classes).to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    fit(args, data, model, args.out_dir, make_recipe(args, model_family(args.model)))
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,88 @@
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import common
+from conftest import make_args
+
+
+def constant_data(images, labels):
+    return common.Data(images, labels, images, labels, 2, (0, 0, 0), (1, 1, 1), "test")
+
+
+def test_batches_shapes_and_seeded_determinism(synthetic_data):
+    batches = list(common.train_batches(synthetic_data, 64, seed=0, epoch=3))
+    assert len(batches) == 10 and batches[0][0].shape == (64, 3, 32, 32) and batches[0][0].dtype == torch.float32
+    assert sorted(torch.cat([y for _, y in batches]).tolist()) == sorted(synthetic_data.train_y.tolist())
+    again = list(common.train_batches(synthetic_data, 64, seed=0, epoch=3))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again))
+    other = next(common.train_batches(synthetic_data, 64, seed=0, epoch=4))
+    assert not torch.equal(other[0], batches[0][0])
+
+
+def test_crop_pads_with_zeros_at_the_expected_rate():
+    n = 4000
+    data = constant_data(torch.full((n, 3, 32, 32), 255, dtype=torch.uint8), torch.zeros(n, dtype=torch.long))
+    x = torch.cat([b for b, _ in common.train_batches(data, 500, seed=1, epoch=0)])
+    # Offsets are uniform in 0..8 per axis, so on average 20/9 rows and 20/9 columns are padding.
+    expected = ((32 - 20 / 9) / 32) ** 2
+    assert abs((x > 0).float().mean().item() - expected) < 0.005
+    assert x.max().item() == 1.0 and x.min().item() == 0.0
+
+
+def test_flip_happens_half_the_time():
+    n = 4000
+    images = torch.zeros(n, 3, 32, 32, dtype=torch.uint8)
+    images[..., :16] = 255  # bright left half
+    data = constant_data(images, torch.zeros(n, dtype=torch.long))
+    x = torch.cat([b for b, _ in common.train_batches(data, 500, seed=2, epoch=0)])
+    left, right = x[..., :8].sum((1, 2, 3)), x[..., 24:].sum((1, 2, 3))
+    assert torch.all((left == 0) ^ (right == 0))  # a shift of at most 4 pixels never mixes the halves
+    assert abs((right > 0).float().mean().item() - 0.5) < 0.03
+
+
+def test_normalization_uses_mean_and_std(synthetic_data):
+    x = synthetic_data.normalize(synthetic_data.train_x)
+    assert x.mean((0, 2, 3)).abs().max() < 1e-3 and (x.std((0, 2, 3)) - 1).abs().max() < 1e-3
+
+
+def test_subset_is_class_balanced_and_fixed():
+    labels = torch.arange(1000) % 10
+    a = common.balanced_subset(labels, 200, 10, seed=0)
+    assert len(a) == 200 and torch.bincount(labels[a]).tolist() == [20] * 10
+    assert torch.equal(a, common.balanced_subset(labels, 200, 10, seed=0))
+    with pytest.raises(SystemExit):
+        common.balanced_subset(labels, 2000, 10, seed=0)
+
+
+def test_folder_of_odd_sizes_and_modes(tmp_path):
+    for split in ("train", "test"):
+        for cls in ("cat", "ant"):
+            (tmp_path / split / cls).mkdir(parents=True)
+        Image.new("L", (40, 20), 200).save(tmp_path / split / "ant" / "a.png")
+        Image.new("RGBA", (32, 32), (10, 20, 30, 128)).save(tmp_path / split / "ant" / "b.png")
+        Image.new("RGB", (64, 48), (250, 0, 0)).save(tmp_path / split / "cat" / "c.jpg")
+        Image.new("P", (31, 33)).save(tmp_path / split / "cat" / "d.bmp")
+        (tmp_path / split / "cat" / "notes.txt").write_text("not an image")
+    data = common.load_data(make_args("--dataset", "folder", "--data-dir", tmp_path), torch.device("cpu"))
+    assert data.train_x.shape == (4, 3, 32, 32) and data.train_x.dtype == torch.uint8
+    assert data.num_classes == 2 and data.train_y.tolist() == [0, 0, 1, 1]  # classes sorted: ant, cat
+    assert data.train_x[0].float().mean().item() == 200  # grayscale becomes equal RGB channels
+    assert data.train_x[2, 0].float().mean() > 200 and data.train_x[2, 1].float().mean() < 50
+
+
+def test_missing_folder_names_directory_and_fix(tmp_path):
+    with pytest.raises(SystemExit) as error:
+        common.load_data(make_args("--dataset", "folder", "--data-dir", tmp_path / "nowhere"), torch.device("cpu"))
+    assert "nowhere" in str(error.value) and "tar -xzf" in str(error.value)
+
+
+def test_missing_cifar_without_network_says_what_to_do(monkeypatch, tmp_path):
+    def offline(root, train, download):
+        raise RuntimeError("Dataset not found") if not download else OSError("no network")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
+    with pytest.raises(SystemExit) as error:
+        common.load_data(make_args("--data-dir", tmp_path), torch.device("cpu"))
+    message = str(error.value)
+    assert str(tmp_path) in message and "download=True" in message

@@ -1,0 +1,112 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+from conftest import make_args
+from models import create_model
+
+
+def train(tmp_path, *extra, model=None):
+    args = make_args("--dataset", "synthetic", "--train-subset", 640, "--epochs", 2, "--out-dir", tmp_path, *extra)
+    torch.manual_seed(args.seed)
+    model = model or create_model("resnet8", 10)
+    return args, model
+
+
+def test_short_run_learns_and_writes_outputs(tmp_path, synthetic_data):
+    args, model = train(tmp_path, "--epochs", 5)
+    summary = common.fit(args, synthetic_data, model, tmp_path, common.make_recipe(args, "cnn"))
+    assert summary["last_acc"] > 50  # chance is 10 %
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
+    assert {"epoch", "train_loss", "test_acc", "lr", "images_per_sec", "seconds"} <= set(rows[0])
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert {"last_acc", "best_acc", "best_epoch", "epochs", "params", "seconds", "config"} <= set(saved)
+    assert saved["params"] == 78042 and saved["config"]["dataset"] == "synthetic"
+    benchmark_format = torch.load(tmp_path / "model.pth", weights_only=True)
+    assert benchmark_format["epoch"] == 5 and benchmark_format["accuracy"] == summary["last_acc"]
+    fresh = create_model("resnet8", 10)
+    common.load_weights(fresh, tmp_path / "model.pth")
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+def test_resume_equals_uninterrupted(tmp_path, synthetic_data):
+    args, model = train(tmp_path / "full")
+    common.fit(args, synthetic_data, model, tmp_path / "full", common.make_recipe(args, "cnn"))
+
+    args, killed = train(tmp_path / "killed")
+    def dies_in_epoch_2(x, y, progress):
+        if progress >= 1:
+            raise KeyboardInterrupt
+        return F.cross_entropy(killed(x), y), {}
+    with pytest.raises(KeyboardInterrupt):
+        common.fit(args, synthetic_data, killed, tmp_path / "killed", common.make_recipe(args, "cnn"), dies_in_epoch_2)
+    args, resumed = train(tmp_path / "killed", "--resume")
+    common.fit(args, synthetic_data, resumed, tmp_path / "killed", common.make_recipe(args, "cnn"))
+
+    a = torch.load(tmp_path / "full" / "model.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "killed" / "model.pth", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len((tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, synthetic_data):
+    args, model = train(tmp_path)
+    def nan_in_epoch_2(x, y, progress):
+        loss = F.cross_entropy(model(x), y)
+        return (loss * float("nan") if progress >= 1.5 else loss), {}
+    with pytest.raises(FloatingPointError, match="NaN") as error:
+        common.fit(args, synthetic_data, model, tmp_path, common.make_recipe(args, "cnn"), nan_in_epoch_2)
+    assert "intact" in str(error.value)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 1
+    assert all(torch.isfinite(v.float()).all() for v in checkpoint["model"].values())
+
+
+def test_wrong_checkpoint_names_both(tmp_path):
+    common.save_atomic(common.model_file(create_model("resnet8", 10), 1, 0.0), tmp_path / "r8.pth")
+    with pytest.raises(SystemExit, match="resnet8 with 10 classes.*resnet20 with 10 classes"):
+        common.load_weights(create_model("resnet20", 10), tmp_path / "r8.pth")
+    with pytest.raises(SystemExit, match="resnet8 with 10 classes.*resnet8 with 100 classes"):
+        common.load_weights(create_model("resnet8", 100), tmp_path / "r8.pth")
+    # A bare benchmark-style file (no 'arch' entry) is identified by its keys and shapes.
+    torch.save({"model": create_model("wrn_16_2", 100).state_dict(), "epoch": 240}, tmp_path / "public.pth")
+    with pytest.raises(SystemExit, match="wrn_16_2 with 100 classes.*resnet8x4"):
+        common.load_weights(create_model("resnet8x4", 100), tmp_path / "public.pth")
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    with pytest.raises(SystemExit, match="not a readable"):
+        common.load_weights(create_model("resnet8", 10), tmp_path / "junk.pth")
+
+
+def test_unknown_model_on_the_command_line(capsys):
+    with pytest.raises(SystemExit):
+        make_args("--teacher", "resnet9000")
+    assert "resnet9000" in capsys.readouterr().err
+
+
+def test_schedules():
+    args = make_args()
+    cnn = common.make_recipe(args, "cnn")
+    assert cnn["milestones"] == [150, 180, 210] and cnn["batch_size"] == 64
+    assert [common.learning_rate(cnn, e) for e in (0, 149.9, 150, 180, 210)] == pytest.approx([0.05, 0.05, 5e-3, 5e-4, 5e-5])
+    token = common.make_recipe(make_args("--epochs", 20), "token")
+    assert token["optimizer"] == "adamw" and token["warmup_epochs"] == 2
+    assert common.learning_rate(token, 1) == pytest.approx(0.5e-3, rel=1e-2)
+    assert common.learning_rate(token, 2) == pytest.approx(1e-3) and common.learning_rate(token, 20) == pytest.approx(0)
+    assert common.make_recipe(make_args("--lr", 0.1, "--milestones", 5, 7), "cnn")["milestones"] == [5, 7]
+
+
+def test_missing_teacher_is_trained_then_found(tmp_path, synthetic_data, capsys):
+    args = make_args("--dataset", "synthetic", "--train-subset", 640, "--teacher", "resnet8",
+                     "--teacher-epochs", 1, "--checkpoint-dir", tmp_path)
+    teacher = common.load_teacher(args, synthetic_data)
+    assert "training it first" in capsys.readouterr().out
+    assert (tmp_path / "synthetic-subset640" / "resnet8.pth").exists()
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    again = common.load_teacher(args, synthetic_data)
+    assert "training it first" not in capsys.readouterr().out
+    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), again.state_dict().values()))
