@@ -374,8 +374,10 @@ def fit(args, data, model, out_dir, recipe, loss_fn=None, train_modules=None, ev
                 last_print = time.time()
                 check_finite(loss_sum, epoch, checkpoint_path)
                 speed = seen / (last_print - epoch_start)
+                epoch_seconds = steps_per_epoch * recipe["batch_size"] / speed
+                eta = epoch_seconds * (recipe["epochs"] - epoch) - (last_print - epoch_start)
                 log(f"  epoch {epoch + 1} step {step + 1}/{steps_per_epoch} loss {loss_sum.item() / seen:.4f} "
-                    f"{speed:.0f} img/s")
+                    f"{speed:.0f} img/s ETA {format_seconds(eta)} (training only)")
         check_finite(loss_sum, epoch, checkpoint_path)
         train_seconds = time.time() - epoch_start
         row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / seen, "lr": lr,
@@ -455,7 +457,10 @@ def load_teacher(args, data):
         recipe = make_recipe(args, model_family(args.teacher), epochs=args.teacher_epochs, use_overrides=False)
         torch.manual_seed(args.seed)
         teacher_args = argparse.Namespace(**{**vars(args), "resume": True})  # a killed teacher run continues
-        fit(teacher_args, data, teacher.to(device), target.parent / f"{args.teacher}_run", recipe,
+        teacher.to(device)
+        if device.type == "cuda":
+            teacher.to(memory_format=torch.channels_last)
+        fit(teacher_args, data, teacher, target.parent / f"{args.teacher}_run", recipe,
             title=f"teacher {args.teacher}")
         os.replace(target.parent / f"{args.teacher}_run" / "model.pth", target)
         path = target
