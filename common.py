@@ -513,9 +513,9 @@ def add_common_args(parser):
 def add_distill_args(parser):
     g = parser.add_argument_group("teacher and student")
     g.add_argument("--teacher", default="resnet32x4", choices=MODEL_NAMES, metavar="NAME",
-                   help="teacher architecture (default resnet32x4)")
+                   help="teacher architecture (default %(default)s)")
     g.add_argument("--student", default="resnet8x4", choices=MODEL_NAMES, metavar="NAME",
-                   help="student architecture (default resnet8x4); names: " + ", ".join(MODEL_NAMES))
+                   help="student architecture (default %(default)s); names: " + ", ".join(MODEL_NAMES))
     g.add_argument("--teacher-ckpt", type=Path,
                    help="teacher checkpoint; default: checkpoints/<dataset>/<teacher>.pth or the public "
                         "checkpoints/<teacher>_vanilla/ckpt_epoch_240.pth, else the teacher is trained first")
