@@ -1,0 +1,243 @@
+"""LFCC: low-frequency contrastive knowledge distillation between heterogeneous architectures.
+
+Paper: Hongjun Wu, Li Xiao, Xingkuo Zhang, Yining Miao, "Aligning in a Compact Space: Contrastive Knowledge
+Distillation between Heterogeneous Architectures", arXiv:2405.18524 (2024). No code is public and only the
+abstract could be read: the idea is the paper's **[paper]**; the filter, the projectors, the temperature and
+the loss weights are this project's reconstruction **[choice]**, each one a flag below.
+
+    python lfcc.py --teacher resnet32x4 --student mlp_mixer      # CNN -> MLP-Mixer on CIFAR-100
+    python lfcc.py --teacher resnet32x4 --student vit            # CNN -> ViT
+    python lfcc.py --teacher vit --student resnet8x4 --alpha 0   # ViT -> CNN, LFCC alone (no logit KD)
+
+Idea [paper]. Features of a CNN, a Transformer and an MLP-Mixer look different, so matching them directly
+fails. Their low-frequency components carry most of an image feature's content and are what the families
+share. LFCC extracts them from intermediate features of both models with multi-scale low-pass filters,
+projects them into a small (compact) space and aligns teacher and student there with a sample-level
+contrastive loss: the two models' features of the same image are a positive pair, those of the other
+images of the batch are negatives.
+
+Reconstruction [choice]. For every distilled stage k (--stages, default 1 2 3), F_s and F_t the stage
+outputs of student and teacher, tokens (B, N, D) viewed as maps (B, D, sqrt N, sqrt N):
+
+    v   = concat_{s in S} flatten(AvgPool_{s x s}(F))      low_pass; S = --scales = {1, 2, 4}: C*21 values
+    z_s = normalize(P_s^k v_s),  z_t = normalize(P_t^k v_t)  CompactSpace; P: Linear(21*C -> d), d = --proj-dim
+    L_k = 1/2 [CE(z_s z_t^T / tau, I) + CE(z_t z_s^T / tau, I)]   info_nce: target = same sample, tau = --tau
+    loss = CE(y_s, y) + alpha * T^2 KL(softmax(y_t/T) || softmax(y_s/T)) + beta * mean_k L_k
+
+In the code v_s, v_t are `student_vec`, `teacher_vec`; z_s, z_t are `z_student`, `z_teacher`; y_s, y_t are
+`student_logits`, `teacher_logits`; alpha, beta, T, tau are `args.alpha`, `args.beta`, `args.kd_temperature`,
+`args.tau`. Averaging a window keeps exactly its lowest-frequency (DC) component, so the s x s grid is the
+map's low-frequency part at scale s, and a 32x32 CNN map and an 8x8 token grid land on the same grids with
+no interpolation. Both projectors train; only the teacher backbone is frozen. At initialisation L_k is about
+ln B, on the scale of the cross-entropy. Logged per epoch: every stage's loss `lfcc_s<k>` and positive-pair
+rank accuracy `rank_acc_s<k>` (% of samples whose nearest teacher embedding is their own; chance 100/B) on
+training batches, and the same on the test set (`test_lfcc_s<k>`, `test_rank_acc_s<k>`, batches of 500).
+
+Setting. The paper's numbers come from 224x224 ImageNet-architecture models (the OFA-KD benchmark: timm
+models, CIFAR images upsampled, teachers fine-tuned from ImageNet weights). This script trains CIFAR-sized
+models from scratch at 32x32, so its accuracies are not comparable with the paper's tables.
+"""
+import argparse
+import json
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+import models
+
+
+# ----------------------------------------------------------------------------------- low-pass filters
+# A filter maps a (B, C, H, W) feature map to a (B, n) vector whose length depends only on C, so that maps
+# of different resolutions become comparable. A Gaussian-blur or DCT cut-off variant is one more function.
+
+def multiscale_low_pass(feature_map, scales):
+    """(B, C, H, W) -> (B, C * sum(s^2)): the map average-pooled to an s x s grid for every s, concatenated."""
+    return torch.cat([F.adaptive_avg_pool2d(feature_map, s).flatten(1) for s in scales], dim=1)
+
+
+def resized_flat(feature_map, scales):
+    """The --no-lowpass ablation: no pyramid, the map resized to the largest grid and flattened."""
+    return models.resize_map(feature_map, max(scales)).flatten(1)
+
+
+def make_filter(args):
+    return partial(resized_flat if args.no_lowpass else multiscale_low_pass, scales=args.scales)
+
+
+# ---------------------------------------------------------------------------------- the compact space
+
+class CompactSpace(nn.Module):
+    """Per distilled stage a student and a teacher projector, Linear(filtered size -> d), L2-normalised.
+
+    The teacher projectors train with the student: they learn which of the teacher's low-frequency content to
+    offer, while the teacher's own weights stay frozen."""
+
+    def __init__(self, student_sizes, teacher_sizes, dim):
+        super().__init__()
+        self.student = nn.ModuleList(nn.Linear(n, dim) for n in student_sizes)
+        self.teacher = nn.ModuleList(nn.Linear(n, dim) for n in teacher_sizes)
+
+    def forward(self, index, student_vec, teacher_vec):
+        z_student = F.normalize(self.student[index](student_vec).float(), dim=1)
+        z_teacher = F.normalize(self.teacher[index](teacher_vec).float(), dim=1)
+        return z_student, z_teacher
+
+
+def filtered_sizes(model, stages, low_pass):
+    """Length of the filtered vector of each distilled stage, from a dry run of the filter on zeros."""
+    shapes = models.feature_shapes(model)
+    return [low_pass(models.to_map(torch.zeros(1, *shapes[k - 1]))).shape[1] for k in stages]
+
+
+# ------------------------------------------------------------------------------------------- the loss
+
+def rank_accuracy(similarity):
+    """% of rows whose largest entry is on the diagonal: student sample i's nearest teacher sample is i."""
+    target = torch.arange(len(similarity), device=similarity.device)
+    return 100.0 * (similarity.argmax(1) == target).float().mean()
+
+
+def info_nce(z_student, z_teacher, tau):
+    """Symmetric in-batch InfoNCE of (B, d) unit embeddings, and the positive-pair rank accuracy.
+
+    Row i of z_s z_t^T / tau must pick teacher sample i among the B teacher samples, column i student sample i.
+    Autocast is switched off: in bf16, similarities up to 1/tau = 10 keep only about two decimal digits."""
+    with torch.autocast(z_student.device.type, enabled=False):
+        logits = z_student.float() @ z_teacher.float().t() / tau
+        target = torch.arange(len(logits), device=logits.device)
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+    return loss, rank_accuracy(logits.detach())
+
+
+def mse_alignment(z_student, z_teacher, tau=None):
+    """The --loss mse ablation: the same unit vectors pulled together per sample, no negatives. Nothing stops
+    both projectors from collapsing to one constant vector; that is what the contrast is for."""
+    with torch.autocast(z_student.device.type, enabled=False):
+        z_student, z_teacher = z_student.float(), z_teacher.float()
+        loss = (z_student - z_teacher).pow(2).sum(1).mean()
+        similarity = z_student.detach() @ z_teacher.detach().t()
+    return loss, rank_accuracy(similarity)
+
+
+def kd_loss(student_logits, teacher_logits, T):
+    """T^2 KL(softmax(y_t / T) || softmax(y_s / T)), batch mean (Hinton et al.)."""
+    return F.kl_div(F.log_softmax(student_logits.float() / T, 1), F.softmax(teacher_logits.float() / T, 1),
+                    reduction="batchmean") * T * T
+
+
+def stage_alignment(x, student, teacher, space, low_pass, args):
+    """One forward pass of both models: logits of each, and per distilled stage (alignment loss, rank acc)."""
+    with torch.no_grad():
+        teacher_features, teacher_logits = models.stage_features(teacher, x)
+        teacher_vecs = [low_pass(models.to_map(teacher_features[k - 1])) for k in args.stages]
+    student_features, student_logits = models.stage_features(student, x)
+    align = info_nce if args.loss == "infonce" else mse_alignment
+    per_stage = []
+    for index, k in enumerate(args.stages):
+        student_vec = low_pass(models.to_map(student_features[k - 1]))
+        z_student, z_teacher = space(index, student_vec, teacher_vecs[index])
+        per_stage.append(align(z_student, z_teacher, args.tau))
+    return student_logits, teacher_logits, per_stage
+
+
+def make_loss_fn(args, recipe, student, teacher, space, low_pass):
+    def loss_fn(x, y, progress):
+        student_logits, teacher_logits, per_stage = stage_alignment(x, student, teacher, space, low_pass, args)
+        ce = F.cross_entropy(student_logits.float(), y, label_smoothing=recipe["label_smoothing"])
+        kd = kd_loss(student_logits, teacher_logits, args.kd_temperature)
+        lfcc = torch.stack([loss for loss, _ in per_stage]).mean()
+        terms = {"ce": ce, "kd": kd, "lfcc": lfcc}
+        for k, (loss, accuracy) in zip(args.stages, per_stage):
+            terms[f"lfcc_s{k}"], terms[f"rank_acc_s{k}"] = loss, accuracy
+        return ce + args.alpha * kd + args.beta * lfcc, terms
+    return loss_fn
+
+
+def make_eval_fn(args, student, teacher, space, low_pass):
+    def eval_fn(x, y):
+        student_logits, _, per_stage = stage_alignment(x, student, teacher, space, low_pass, args)
+        metrics = {"test_acc": 100.0 * (student_logits.argmax(1) == y).float().mean()}
+        for k, (loss, accuracy) in zip(args.stages, per_stage):
+            metrics[f"test_lfcc_s{k}"], metrics[f"test_rank_acc_s{k}"] = loss, accuracy
+        return metrics
+    return eval_fn
+
+
+# ------------------------------------------------------------------------------------------- training
+
+def distill(args, data, teacher, student, recipe):
+    """Train `student` with LFCC from the frozen `teacher`; returns (summary, the trained CompactSpace).
+
+    The projectors train with the student (train_modules) and are kept in the resumable checkpoint only:
+    model.pth holds the student alone."""
+    device = data.train_x.device
+    low_pass = make_filter(args)
+    space = CompactSpace(filtered_sizes(student, args.stages, low_pass),
+                         filtered_sizes(teacher, args.stages, low_pass), args.proj_dim).to(device)
+    common.log(f"lfcc: stages {args.stages}, {'resized flat' if args.no_lowpass else 'low-pass scales'} "
+               f"{args.scales}, {args.loss} in {args.proj_dim} dims, tau {args.tau}, alpha {args.alpha}, "
+               f"beta {args.beta}, T {args.kd_temperature}; projectors {common.count_params(space):,} params")
+    summary = common.fit(args, data, student, args.out_dir, recipe,
+                         loss_fn=make_loss_fn(args, recipe, student, teacher, space, low_pass),
+                         train_modules=[student, space],
+                         eval_fn=make_eval_fn(args, student, teacher, space, low_pass),
+                         title=f"lfcc {teacher.arch} -> {student.arch}")
+    summary["method"] = "lfcc"
+    summary["lfcc"] = {"teacher": teacher.arch, "student": student.arch, "stages": args.stages,
+                       "filter": "resized_flat" if args.no_lowpass else "multiscale_low_pass",
+                       "scales": args.scales, "loss": args.loss, "proj_dim": args.proj_dim, "tau": args.tau,
+                       "alpha": args.alpha, "beta": args.beta, "kd_temperature": args.kd_temperature,
+                       "projector_params": common.count_params(space)}
+    with open(Path(args.out_dir) / "summary.json", "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+    return summary, space
+
+
+def add_args(parser):
+    """LFCC's own flags; also makes the MLP-Mixer the default student (call after add_distill_args)."""
+    parser.set_defaults(student="mlp_mixer")
+    g = parser.add_argument_group("LFCC (the filter, space and weights are this project's reconstruction)")
+    g.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3],
+                   help="stage outputs aligned, stage k of the student with stage k of the teacher (default 1 2 3)")
+    g.add_argument("--scales", type=int, nargs="+", default=[1, 2, 4],
+                   help="grid sizes s of the multi-scale low-pass filter: every map is average-pooled to s x s "
+                        "(default 1 2 4: C*21 values per stage)")
+    g.add_argument("--no-lowpass", action="store_true",
+                   help="ablation: no pyramid, flatten the map resized to the largest grid of --scales")
+    g.add_argument("--proj-dim", type=int, default=128, help="dimension d of the compact space (default 128)")
+    g.add_argument("--tau", type=float, default=0.1, help="InfoNCE temperature (default 0.1)")
+    g.add_argument("--loss", choices=["infonce", "mse"], default="infonce",
+                   help="alignment in the compact space: symmetric in-batch InfoNCE (default), or the ablation "
+                        "mse: squared distance of the same unit vectors, no negatives")
+    g.add_argument("--alpha", type=float, default=1.0, help="weight of the logit KD term (default 1; 0: LFCC alone)")
+    g.add_argument("--beta", type=float, default=1.0, help="weight of the mean per-stage alignment loss (default 1)")
+    g.add_argument("--kd-temperature", "--T", dest="kd_temperature", type=float, default=4.0,
+                   help="temperature T of the logit KD term (default 4)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description="LFCC: low-frequency contrastive distillation between "
+                                     "heterogeneous architectures (CNN, ViT, MLP-Mixer).")
+    common.add_common_args(parser)
+    common.add_distill_args(parser)
+    add_args(parser)
+    args = parser.parse_args()
+    if min(args.scales) < 1 or args.tau <= 0 or args.proj_dim < 1:
+        parser.error("--scales must be positive integers, --tau and --proj-dim positive")
+    args.stages = sorted(set(args.stages))
+    device, data = common.setup(args, f"lfcc_{args.teacher}_{args.student}")
+    teacher = common.load_teacher(args, data)
+    torch.manual_seed(args.seed)
+    student = models.create_model(args.student, data.num_classes).to(device)
+    if device.type == "cuda":
+        student.to(memory_format=torch.channels_last)
+    recipe = common.make_recipe(args, models.model_family(args.student))
+    distill(args, data, teacher, student, recipe)
+
+
+if __name__ == "__main__":
+    common.run_main(main)
