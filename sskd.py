@@ -1,0 +1,311 @@
+"""Stage-by-stage knowledge distillation (SSKD): first copy the teacher's features stage by stage, then
+train the task head on labels alone.
+
+Paper: Mengya Gao, Yujun Shen, Quanquan Li, Junjie Yan, Liang Wan, Dahua Lin, Chen Change Loy, Xiaoou Tang,
+"Feature Matters: A Stage-by-Stage Approach for Knowledge Transfer", arXiv:1812.01819 (2018); v2 (2019) is
+"An Embarrassingly Simple Approach for Knowledge Distillation". (Not "Knowledge Distillation Meets
+Self-Supervision", also abbreviated SSKD.) No code is public: the two-phase structure, the frozen backbone
+in phase B and features mimicked "without any processing" are from the abstracts and the paper's pipeline
+figure **[paper]**; one stage at a time with the earlier stages frozen and an L2 loss is from a public
+summary of v2 **[summary]**; epochs, learning rates and the loss scale could not be read from the paper and
+are this file's decisions **[choice]**, each a flag.
+
+    python sskd.py --teacher resnet32x4 --student resnet8x4          # CIFAR-100, 240 epochs in 4 phases
+
+Idea **[paper]**: plain KD trains on task loss + KD loss with a hand-tuned weight between them. SSKD has no
+such weight because it never mixes the two:
+
+Phase A, backbone transfer, for k = 1..K (K = 3 stages, the stem is in stage 1; the code counts from 0),
+one `fit` per stage:
+
+    z   = S_{k-1}(... S_1(x))      the student's own stages before k: frozen, eval mode, no grad   (z)
+    t_k = T_k(... T_1(x))          the teacher's stage-k output: frozen, eval mode, no grad        (targets[k])
+    L_k = w * mean((A_k(S_k(z)) - t_k)^2)      w = --feat-weight, mean over all elements  (feature_distances)
+
+    S_k is trained alone **[summary]**; stages > k and the head are not used. The input is the student's
+    own output, not the teacher's **[choice, implied by "progressive"]** (`--teacher-input` for the other).
+    A_k (`adapters[k]`) is the identity when the shapes match (resnet32x4 -> resnet8x4 at every stage);
+    otherwise Conv1x1 + BatchNorm, with a resize and a token<->map reshape where the feature forms differ
+    **[choice]**. It exists for the loss only: stage k+1 receives S_k's native output, and the adapter is
+    dropped after its phase, so the saved student has exactly the zoo's state_dict keys. No labels.
+
+Phase B, task head **[paper]**: the whole backbone is frozen (eval mode, no grad), the head is
+re-initialised (its Linear, and its norm where it has one: WRN's final BN, the token models' LayerNorm) and
+trained with cross-entropy on the labels alone: L = CE(head(z_K), y). No teacher, no KD term.
+
+Schedule **[choice]**: budget matched to a 240-epoch run. `--epochs` E is split evenly over the K stage
+phases and the head phase (E // (K+1) each: 60 for E = 240); `--stage-epochs` / `--head-epochs` override.
+Every phase is one `common.fit` with its own optimizer over that phase's trainable parameters only (weight
+decay touches nothing else) and the student family's recipe scaled to the phase (cnn: SGD lr 0.05,
+momentum 0.9, wd 5e-4, batch 64, x0.1 at 62.5/75/87.5 % of the phase; a `--milestones` given on the command
+line applies to every phase as it is). Its outputs go to out_dir/stage1,
+stage2, stage3, head; out_dir/summary.json gathers them and out_dir/model.pth is the final student.
+
+Loss scale `--feat-weight` w **[choice]**: phase A has one term, so w only scales its gradient against
+weight decay and the learning rate (with SGD; AdamW, the token recipe, is nearly scale-free). Default
+w = 10, picked in two short runs at lr 0.05, seed 0 (test feature MSE of stages 1/2/3):
+- synthetic, resnet8 (99.5 %) -> resnet8, 640 images, 3 epochs per phase: w = 1: 0.067/0.100/0.197, head
+  89.5 %; w = 10: 0.088/0.109/0.157, head 96.7 %; w = 100: 0.194/0.228/0.302, head 91.8 %.
+- real images, the public CIFAR-100 resnet56 -> resnet20 on 768 of the 916 stored CIFAR-100 images, 3 epochs
+  per stage: w = 1: 0.49/0.61/7.20; w = 10: 0.39/0.45/6.49; w = 100: 0.70/0.56/6.45.
+w = 100 (the FitNet hint weight, there balanced against CE) takes steps too large for a lone loss: its
+training MSE stalls above the others and its first-epoch test MSE jumped (to 5.7e4 at stage 2, real run).
+w = 1 is the slowest. w = 10 was best or close to it everywhere.
+
+Ablations **[choice]**, each one branch: `--joint` (one phase trains the whole backbone on the sum of all
+stage losses, K x the stage epochs), `--teacher-input` (stage k is fed the teacher's feature k-1; only
+where those shapes match), `--finetune-all` (phase B trains the whole student, not only the head).
+
+Resume: with `--resume`, a phase whose summary.json exists is skipped after loading the student it ended
+with from its checkpoint.pt; the phase in progress continues through `fit`'s own resume.
+"""
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from models import create_model, feature_shapes, model_family, resize_map, to_map, to_tokens
+
+
+def add_args(parser):
+    g = parser.add_argument_group("SSKD")
+    g.add_argument("--stage-epochs", type=int,
+                   help="epochs of each stage phase (default: --epochs // (stages + 1), at least 1)")
+    g.add_argument("--head-epochs", type=int,
+                   help="epochs of the head phase (default: --epochs // (stages + 1), at least 1)")
+    g.add_argument("--feat-weight", type=float, default=10.0,
+                   help="phase A loss = weight x mean squared feature error (default 10; see the docstring)")
+    g.add_argument("--joint", action="store_true",
+                   help="ablation: train the whole backbone at once on the sum of all stage losses "
+                        "(stages x stage epochs), then the head")
+    g.add_argument("--teacher-input", action="store_true",
+                   help="ablation: feed stage k the teacher's feature k-1 instead of the student's own "
+                        "(only where the student's and teacher's stage outputs have the same shapes)")
+    g.add_argument("--finetune-all", action="store_true",
+                   help="ablation: phase B trains the whole student (head re-initialised), not only the head")
+
+
+# ------------------------------------------------------------------------------------------- adapters
+
+class Adapter(nn.Module):
+    """Student stage output -> the teacher's stage-output shape, for the loss only: tokens become a map,
+    Conv1x1 + BatchNorm to the teacher's channels, resize to the teacher's grid, back to tokens if the
+    teacher has tokens. Shapes are per sample: (C, H, W) for maps, (N, D) for tokens."""
+
+    def __init__(self, student_shape, teacher_shape):
+        super().__init__()
+        self.teacher_tokens = len(teacher_shape) == 2
+        student_channels = student_shape[1] if len(student_shape) == 2 else student_shape[0]
+        if self.teacher_tokens:
+            teacher_channels, self.side = teacher_shape[1], math.isqrt(teacher_shape[0])
+        else:
+            teacher_channels, self.side = teacher_shape[0], teacher_shape[1]
+        self.conv = nn.Conv2d(student_channels, teacher_channels, 1, bias=False)
+        self.bn = nn.BatchNorm2d(teacher_channels)
+
+    def forward(self, x):
+        x = resize_map(self.bn(self.conv(to_map(x))), self.side)
+        return to_tokens(x) if self.teacher_tokens else x
+
+
+def make_adapter(student_shape, teacher_shape):
+    """The identity exactly when the shapes match: features are then compared "without any processing"."""
+    if tuple(student_shape) == tuple(teacher_shape):
+        return nn.Identity()
+    return Adapter(student_shape, teacher_shape)
+
+
+def check_teacher_input(student, teacher):
+    """--teacher-input feeds student stage k the teacher's feature k-1, so those shapes must agree."""
+    student_shapes, teacher_shapes = feature_shapes(student), feature_shapes(teacher)
+    for k, (s, t) in enumerate(zip(student_shapes[:-1], teacher_shapes[:-1]), start=1):
+        if tuple(s) != tuple(t):
+            raise SystemExit(f"error: --teacher-input needs equal stage outputs, but after stage {k} the "
+                             f"teacher {teacher.arch} gives {tuple(t)} and the student {student.arch} {tuple(s)}; "
+                             f"drop --teacher-input for this pair")
+
+
+# ------------------------------------------------------------------------------------------- the loss
+
+def feature_distances(student, teacher, adapters, x, trained, teacher_input=False):
+    """Mean squared errors between A_k(S_k(input_k)) and the teacher's stage-k output, for each 0-based
+    stage index k in `trained` (in order). Stages before the first trained one run without gradients;
+    their output is the input of the next stage (or the teacher's feature with `teacher_input`)."""
+    last = max(trained)
+    with torch.no_grad():
+        targets, t = [], x
+        for stage in teacher.stages()[:last + 1]:
+            t = stage(t)
+            targets.append(t)
+    first, distances, z = min(trained), [], x
+    for k, stage in enumerate(student.stages()[:last + 1]):
+        if teacher_input and k < first:
+            continue  # its output would be replaced by the teacher's feature anyway
+        if teacher_input and k > 0:
+            z = targets[k - 1]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and k >= first):
+            z = stage(z)
+        if k in trained:
+            # float32: fit trains in bf16 autocast on CUDA.
+            distances.append(F.mse_loss(adapters[k](z).float(), targets[k].float()))
+    return distances
+
+
+# ------------------------------------------------------------------------------------------- phases
+
+def metric_names(trained):
+    """Names of the logged feature MSEs: 'feat_mse' for a stage phase, one per stage with --joint."""
+    return ["feat_mse"] if len(trained) == 1 else [f"feat_mse_stage{k + 1}" for k in trained]
+
+
+def set_trainable(student, modules):
+    """requires_grad only for the parameters of `modules`: the phase's optimizer gets nothing else."""
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for module in modules:
+        for p in module.parameters():
+            p.requires_grad_(True)
+
+
+def train_backbone(args, data, student, teacher, trained, epochs, out_dir):
+    """Phase A for the 0-based stages in `trained`: [k] for stage k alone, all of them with --joint.
+    Returns fit's summary; the adapters are local to this call and are dropped with it."""
+    device = data.train_x.device
+    stages = student.stages()
+    shapes = list(zip(feature_shapes(student), feature_shapes(teacher)))
+    adapters = {k: make_adapter(*shapes[k]).to(device) for k in trained}
+    if device.type == "cuda":
+        for adapter in adapters.values():
+            adapter.to(memory_format=torch.channels_last)
+    train_modules = [stages[k] for k in trained] + [adapters[k] for k in trained]
+    set_trainable(student, train_modules)
+
+    names = metric_names(trained)
+
+    def loss_fn(x, y, progress):
+        distances = feature_distances(student, teacher, adapters, x, trained, args.teacher_input)
+        return args.feat_weight * sum(distances), {"train_" + n: d for n, d in zip(names, distances)}
+
+    def eval_fn(x, y):  # the unweighted test feature MSE, student (adapted) vs teacher
+        return dict(zip(names, feature_distances(student, teacher, adapters, x, trained, args.teacher_input)))
+
+    recipe = common.make_recipe(args, model_family(student.arch), epochs=epochs)
+    name = "all stages jointly" if len(trained) > 1 else f"stage {trained[0] + 1}/{len(stages)}"
+    adapted = [k + 1 for k in trained if not isinstance(adapters[k], nn.Identity)]
+    common.log(f"SSKD phase A, {name}: {student.arch} <- {teacher.arch}, "
+               f"adapters at stages {adapted or 'none (shapes match)'}")
+    return common.fit(args, data, student, out_dir, recipe, loss_fn, train_modules, eval_fn,
+                      title=f"SSKD {name}")
+
+
+def reset_head(student):
+    """Re-initialise the head's Linear and norm (BatchNorm's running statistics included)."""
+    for module in student.head().modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+
+def train_head(args, data, student, epochs, out_dir):
+    """Phase B: the frozen backbone's features, a re-initialised head, cross-entropy on labels only."""
+    reset_head(student)
+    stages, head = student.stages(), student.head()
+    train_modules = [student] if args.finetune_all else [head]
+    set_trainable(student, train_modules)
+    recipe = common.make_recipe(args, model_family(student.arch), epochs=epochs)
+
+    def loss_fn(x, y, progress):
+        with torch.set_grad_enabled(args.finetune_all):
+            for stage in stages:
+                x = stage(x)
+        loss = F.cross_entropy(head(x), y, label_smoothing=recipe["label_smoothing"])
+        return loss, {}
+
+    common.log(f"SSKD phase B: {'the whole student' if args.finetune_all else 'the head'} of "
+               f"{student.arch}, re-initialised head, cross-entropy on labels only")
+    return common.fit(args, data, student, out_dir, recipe, loss_fn, train_modules,
+                      title=f"SSKD head of {student.arch}")
+
+
+def phase_plan(args, num_stages):
+    """[(name, 0-based stages trained or None for the head, epochs)] in the order they run."""
+    even = max(1, args.epochs // (num_stages + 1))
+    stage_epochs, head_epochs = args.stage_epochs or even, args.head_epochs or even
+    if args.joint:
+        plan = [("joint", list(range(num_stages)), num_stages * stage_epochs)]
+    else:
+        plan = [(f"stage{k + 1}", [k], stage_epochs) for k in range(num_stages)]
+    return plan + [("head", None, head_epochs)]
+
+
+def run_sskd(args, data, student, teacher):
+    """All phases in order, resumable across them; writes out_dir/summary.json and out_dir/model.pth."""
+    out_dir = Path(args.out_dir)
+    if len(student.stages()) != len(teacher.stages()):
+        raise SystemExit(f"error: {student.arch} and {teacher.arch} have different numbers of stages")
+    if args.teacher_input:
+        check_teacher_input(student, teacher)
+    summaries, stage_mse = {}, {}
+    for index, (name, trained, epochs) in enumerate(phase_plan(args, len(student.stages()))):
+        phase_dir = out_dir / name
+        if args.resume and (phase_dir / "summary.json").exists():
+            state = torch.load(phase_dir / "checkpoint.pt", map_location=data.train_x.device, weights_only=True)
+            student.load_state_dict(state["model"])
+            summaries[name] = json.loads((phase_dir / "summary.json").read_text())
+            common.log(f"SSKD {name}: finished earlier, student loaded from {phase_dir / 'checkpoint.pt'}")
+        else:
+            # Adapter and head initialisation depend only on (seed, phase): a resumed run equals an uninterrupted one.
+            torch.manual_seed(args.seed + index)
+            if trained is None:
+                summaries[name] = train_head(args, data, student, epochs, phase_dir)
+            else:
+                summaries[name] = train_backbone(args, data, student, teacher, trained, epochs, phase_dir)
+        if trained is not None:
+            for k, key in zip(trained, metric_names(trained)):
+                stage_mse[f"stage{k + 1}"] = summaries[name]["last_epoch"][key]
+                common.log(f"SSKD stage {k + 1}: test feature MSE {stage_mse[f'stage{k + 1}']:.4g}")
+    for p in student.parameters():
+        p.requires_grad_(True)
+
+    head = summaries["head"]
+    total_epochs = sum(s["epochs"] for s in summaries.values())
+    summary = {"method": "sskd", "last_acc": head["last_acc"], "best_acc": head["best_acc"],
+               "best_epoch": head["best_epoch"], "stage_feat_mse": stage_mse, "epochs": total_epochs,
+               "params": common.count_params(student), "seconds": sum(s["seconds"] for s in summaries.values()),
+               "phases": {name: {k: s[k] for k in ("epochs", "seconds", "last_epoch", "recipe")}
+                          for name, s in summaries.items()},
+               "config": vars(args)}
+    with open(out_dir / "summary.json", "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+    common.save_atomic(common.model_file(student, total_epochs, head["last_acc"]), out_dir / "model.pth")
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in stage_mse.items())
+    common.log(f"SSKD done: test feature MSE {shown}; head accuracy last {head['last_acc']}, best "
+               f"{head['best_acc']} -> {out_dir}")
+    return summary
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Stage-by-stage knowledge distillation (SSKD): the student's "
+                                     "backbone copies the teacher's features one stage at a time, then its "
+                                     "head is trained on labels alone.")
+    common.add_common_args(parser)
+    common.add_distill_args(parser)
+    add_args(parser)
+    args = parser.parse_args()
+    if args.teacher_input:  # fail before a missing teacher would be trained
+        check_teacher_input(create_model(args.student, 10), create_model(args.teacher, 10))
+    device, data = common.setup(args, f"sskd_{args.teacher}_{args.student}")
+    teacher = common.load_teacher(args, data)
+    torch.manual_seed(args.seed)
+    student = create_model(args.student, data.num_classes).to(device)
+    if device.type == "cuda":
+        student.to(memory_format=torch.channels_last)
+    run_sskd(args, data, student, teacher)
+
+
+if __name__ == "__main__":
+    common.run_main(main)

@@ -1,0 +1,260 @@
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+import sskd
+from conftest import make_args
+from models import create_model, feature_shapes, stage_features, token_models
+
+
+def tiny_vit(num_classes=10):
+    model = token_models.vit(num_classes, dim=32, depth=3, heads=2, mlp_hidden=64)
+    model.arch = "vit"
+    return model
+
+
+def tiny_mixer(num_classes=10):
+    model = token_models.mlp_mixer(num_classes, dim=32, depth=3, token_hidden=16, channel_hidden=64)
+    model.arch = "mlp_mixer"
+    return model
+
+
+def build(name, seed=0):
+    torch.manual_seed(seed)
+    return {"vit": tiny_vit, "mlp_mixer": tiny_mixer}.get(name, lambda: create_model(name, 10))()
+
+
+def frozen(model):
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def sskd_args(out_dir, *extra):
+    return make_args("--dataset", "synthetic", "--epochs", 8, "--batch-size", 32, "--out-dir", out_dir, *extra,
+                     method_args=sskd.add_args)
+
+
+@pytest.fixture(scope="module")
+def small_data(synthetic_data):
+    """320 training images (32 per class) and 250 test images: enough to learn, quick on a CPU."""
+    d = synthetic_data
+    return common.Data(d.train_x[:320], d.train_y[:320], d.test_x[:250], d.test_y[:250], d.num_classes,
+                       d.mean.flatten().tolist(), d.std.flatten().tolist(), "synthetic")
+
+
+@pytest.fixture(scope="module")
+def trained_teacher(small_data, tmp_path_factory):
+    args = make_args("--dataset", "synthetic", "--epochs", 6, "--batch-size", 32, "--lr", 0.1)
+    teacher = build("resnet8")
+    summary = common.fit(args, small_data, teacher, tmp_path_factory.mktemp("teacher"),
+                         common.make_recipe(args, "cnn"))
+    assert summary["last_acc"] > 40
+    return frozen(teacher)
+
+
+@pytest.fixture(scope="module")
+def full_run(small_data, trained_teacher, tmp_path_factory):
+    """An uninterrupted resnet8 -> resnet8 run, 2 epochs per phase."""
+    out_dir = tmp_path_factory.mktemp("full")
+    student = build("resnet8", seed=0)
+    summary = sskd.run_sskd(sskd_args(out_dir), small_data, student, trained_teacher)
+    return out_dir, summary, student
+
+
+def names_in(model, module):
+    """state_dict names of `model` whose tensors belong to `module` (a view)."""
+    ids = {id(t) for t in module.state_dict(keep_vars=True).values()}
+    return {name for name, t in model.state_dict(keep_vars=True).items() if id(t) in ids}
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def stage_outputs(model, x):
+    model.eval()
+    return stage_features(model, x)[0]
+
+
+# ----------------------------------------------------------------------------------------- adapters
+
+def test_adapters_are_identity_exactly_when_shapes_match():
+    for teacher, student, identity in [("resnet32x4", "resnet8x4", True), ("wrn_40_2", "wrn_16_2", True),
+                                       ("resnet56", "resnet20", True), ("resnet32x4", "resnet20", False)]:
+        pairs = zip(feature_shapes(create_model(student)), feature_shapes(create_model(teacher)))
+        kinds = [isinstance(sskd.make_adapter(s, t), nn.Identity) for s, t in pairs]
+        assert kinds == [identity] * 3, (teacher, student)
+    # Every form of mismatch maps the student's feature onto the teacher's shape.
+    for student_shape, teacher_shape in [((16, 32, 32), (64, 8, 8)), ((64, 8, 8), (16, 32, 32)),
+                                         ((64, 32), (16, 32, 32)), ((32, 16, 16), (64, 192)),
+                                         ((64, 32), (64, 48))]:
+        adapter = sskd.make_adapter(student_shape, teacher_shape)
+        assert isinstance(adapter, sskd.Adapter)
+        assert adapter(torch.randn(2, *student_shape)).shape == (2, *teacher_shape)
+
+
+def test_teacher_input_needs_matching_shapes():
+    sskd.check_teacher_input(create_model("resnet20", 10), create_model("resnet56", 10))
+    with pytest.raises(SystemExit, match="--teacher-input.*stage 1.*wrn_16_2"):
+        sskd.check_teacher_input(create_model("resnet8", 10), create_model("wrn_16_2", 10))
+
+
+# ------------------------------------------------------------------------------------------- the loss
+
+def test_stage_loss_is_the_plain_mse():
+    teacher, student = frozen(build("wrn_16_2", 1)), build("resnet8", 2).eval()
+    x = torch.randn(4, 3, 32, 32)
+    adapters = {1: sskd.make_adapter((32, 16, 16), (64, 16, 16)).eval()}
+    (distance,) = sskd.feature_distances(student, teacher, adapters, x, [1])
+    with torch.no_grad():
+        target = teacher.block2(teacher.block1(teacher.conv1(x)))
+        z = student.layer2(student.layer1(student.relu(student.bn1(student.conv1(x)))))
+        by_hand = ((adapters[1].bn(adapters[1].conv(z)) - target) ** 2).mean()
+    assert torch.allclose(distance, by_hand, rtol=1e-5, atol=0)
+    # Gradients reach stage 2 and its adapter, never stage 1 or the teacher.
+    distance.backward()
+    assert student.layer2[0].conv1.weight.grad is not None and adapters[1].conv.weight.grad is not None
+    assert student.conv1.weight.grad is None and student.layer1[0].conv1.weight.grad is None
+    # --teacher-input: stage 2 is fed the teacher's stage-1 output instead of the student's.
+    teacher = frozen(build("resnet8", 3))
+    (distance,) = sskd.feature_distances(student, teacher, {1: nn.Identity()}, x, [1], teacher_input=True)
+    with torch.no_grad():
+        t1 = teacher.layer1(teacher.relu(teacher.bn1(teacher.conv1(x))))
+        expected = F.mse_loss(student.layer2(t1), teacher.layer2(t1))
+    assert torch.equal(distance, expected)
+
+
+def test_joint_trains_the_whole_backbone_and_the_budget_is_split():
+    teacher, student = frozen(build("resnet8", 1)), build("resnet8", 2)
+    adapters = {k: nn.Identity() for k in range(3)}
+    distances = sskd.feature_distances(student, teacher, adapters, torch.randn(4, 3, 32, 32), [0, 1, 2])
+    assert len(distances) == 3
+    distances[2].backward()  # the last stage's loss reaches the stem when the backbone is trained jointly
+    assert student.conv1.weight.grad is not None and student.fc.weight.grad is None
+    plan = sskd.phase_plan(sskd_args("x", "--epochs", 240), 3)
+    assert plan == [("stage1", [0], 60), ("stage2", [1], 60), ("stage3", [2], 60), ("head", None, 60)]
+    plan = sskd.phase_plan(sskd_args("x", "--joint", "--stage-epochs", 5, "--head-epochs", 7), 3)
+    assert plan == [("joint", [0, 1, 2], 15), ("head", None, 7)]
+
+
+def test_reset_head_reinitialises_linear_and_norm():
+    for name, norm in [("vit", "norm"), ("wrn_16_1", "bn1")]:
+        model = build(name)
+        with torch.no_grad():
+            for p in list(model.fc.parameters()) + list(getattr(model, norm).parameters()):
+                p.fill_(5.0)
+        stem = model.stages()[0][0].state_dict()
+        sskd.reset_head(model)
+        assert torch.equal(getattr(model, norm).weight, torch.ones_like(getattr(model, norm).weight))
+        assert (model.fc.weight != 5).all() and (model.fc.bias != 5).all()
+        assert all(torch.equal(v, model.stages()[0][0].state_dict()[k]) for k, v in stem.items())
+
+
+# ------------------------------------------------------------------------------------------- phases
+
+@pytest.mark.parametrize("teacher_name,student_name", [("wrn_16_2", "resnet8"), ("resnet8", "vit"),
+                                                       ("mlp_mixer", "resnet8")])
+def test_each_phase_changes_only_its_part(teacher_name, student_name, small_data, tmp_path):
+    teacher, student = frozen(build(teacher_name, 1)), build(student_name, 2)
+    args = sskd_args(tmp_path, "--epochs", 1)
+    x = small_data.normalize(small_data.test_x[:8])
+    stage2, head = student.stages()[1], student.head()
+    keys = list(student.state_dict())
+
+    # Phase A, stage 2: only stage 2 (parameters and BatchNorm buffers) and its adapter change.
+    before, outputs_before = snapshot(student), stage_outputs(student, x)
+    summary = sskd.train_backbone(args, small_data, student, teacher, [1], 1, tmp_path / "stage2")
+    changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and changed <= names_in(student, stage2)
+    assert torch.equal(stage_outputs(student, x)[0], outputs_before[0])
+    assert list(student.state_dict()) == keys  # the adapter never became part of the student
+    checkpoint = torch.load(tmp_path / "stage2" / "checkpoint.pt", weights_only=True)
+    assert "conv.weight" in checkpoint["train_modules"][1]  # shapes differ: a Conv1x1 + BN adapter
+    optimized = len(checkpoint["optimizer"]["param_groups"][0]["params"])
+    assert optimized == len(list(stage2.parameters())) + 3  # + the adapter's conv weight, BN weight and bias
+    assert summary["last_epoch"]["feat_mse"] > 0 and summary["last_acc"] is None
+
+    # Phase B: only the head changes; every stage's output stays bit-identical.
+    before, outputs_before = snapshot(student), stage_outputs(student, x)
+    summary = sskd.train_head(args, small_data, student, 1, tmp_path / "head")
+    changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and changed <= names_in(student, head)
+    assert all(torch.equal(a, b) for a, b in zip(stage_outputs(student, x), outputs_before))
+    assert summary["last_acc"] is not None
+
+
+def test_run_lowers_every_stage_distance_and_learns_a_head(full_run, small_data, trained_teacher):
+    out_dir, summary, student = full_run
+    fresh = build("resnet8", seed=0).eval()
+    x = small_data.normalize(small_data.test_x)
+    with torch.no_grad():
+        identity = {k: nn.Identity() for k in range(3)}
+        initial = sskd.feature_distances(fresh, trained_teacher, identity, x, [0, 1, 2])
+    final = [summary["stage_feat_mse"][f"stage{k}"] for k in (1, 2, 3)]
+    assert all(f < 0.3 * i for f, i in zip(final, initial)), (final, initial)  # measured: 0.11 to 0.14
+    assert summary["last_acc"] > 60  # chance is 10 %; measured 91
+    # Each phase logged its test metric: the feature MSE for the stages, the accuracy for the head.
+    for k in (1, 2, 3):
+        rows = [json.loads(r) for r in (out_dir / f"stage{k}" / "metrics.jsonl").read_text().splitlines()]
+        assert len(rows) == 2 and "test_acc" not in rows[-1]
+        assert rows[-1]["feat_mse"] == pytest.approx(final[k - 1])
+        assert rows[-1]["train_loss"] == pytest.approx(10 * rows[-1]["train_feat_mse"], rel=1e-5)  # --feat-weight
+        assert not (out_dir / f"stage{k}" / "model.pth").exists()
+    saved = json.loads((out_dir / "summary.json").read_text())
+    assert saved["last_acc"] == summary["last_acc"] and saved["epochs"] == 8
+    assert set(saved["phases"]) == {"stage1", "stage2", "stage3", "head"}
+    # The final student, in the benchmark format with the zoo's keys, loads strictly.
+    reloaded = create_model("resnet8", 10)
+    checkpoint = common.load_weights(reloaded, out_dir / "model.pth")
+    assert list(checkpoint["model"]) == list(create_model("resnet8", 10).state_dict())
+    assert checkpoint["accuracy"] == summary["last_acc"]
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), student.state_dict().values()))
+
+
+def test_resume_continues_in_the_phase_it_was_killed_in(full_run, small_data, trained_teacher, tmp_path,
+                                                        monkeypatch):
+    calls = {"stage2 steps": 0}
+    real_distances = sskd.feature_distances
+
+    def dies_in_stage2_epoch2(student, teacher, adapters, x, trained, teacher_input=False):
+        if trained == [1] and torch.is_grad_enabled():
+            calls["stage2 steps"] += 1
+            if calls["stage2 steps"] == 12:  # 10 steps per epoch: the second step of epoch 2
+                raise KeyboardInterrupt
+        return real_distances(student, teacher, adapters, x, trained, teacher_input)
+
+    monkeypatch.setattr(sskd, "feature_distances", dies_in_stage2_epoch2)
+    with pytest.raises(KeyboardInterrupt):
+        sskd.run_sskd(sskd_args(tmp_path), small_data, build("resnet8", seed=0), trained_teacher)
+    assert (tmp_path / "stage1" / "summary.json").exists() and not (tmp_path / "stage2" / "summary.json").exists()
+    stage1_written = (tmp_path / "stage1" / "checkpoint.pt").stat().st_mtime_ns
+
+    monkeypatch.setattr(sskd, "feature_distances", real_distances)
+    sskd.run_sskd(sskd_args(tmp_path, "--resume"), small_data, build("resnet8", seed=0), trained_teacher)
+    assert (tmp_path / "stage1" / "checkpoint.pt").stat().st_mtime_ns == stage1_written  # not redone
+    assert len((tmp_path / "stage2" / "metrics.jsonl").read_text().splitlines()) == 2
+    full = torch.load(full_run[0] / "model.pth", weights_only=True)["model"]
+    resumed = torch.load(tmp_path / "model.pth", weights_only=True)["model"]
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_joint_and_finetune_all_ablations_train_what_they_say(small_data, tmp_path):
+    teacher, student = frozen(build("resnet8", 1)), build("resnet8", 2)
+    args = sskd_args(tmp_path, "--joint", "--finetune-all", "--stage-epochs", 1, "--head-epochs", 1)
+    summary = sskd.run_sskd(args, small_data, student, teacher)
+    assert set(summary["phases"]) == {"joint", "head"} and set(summary["stage_feat_mse"]) == {"stage1", "stage2", "stage3"}
+    assert summary["phases"]["joint"]["epochs"] == 3 and summary["epochs"] == 4
+
+    def optimized(phase):
+        checkpoint = torch.load(tmp_path / phase / "checkpoint.pt", weights_only=True)
+        return len(checkpoint["optimizer"]["param_groups"][0]["params"])
+    backbone = sum(len(list(stage.parameters())) for stage in student.stages())
+    assert optimized("joint") == backbone  # identity adapters: nothing else to train
+    assert optimized("head") == len(list(student.parameters()))
