@@ -302,9 +302,7 @@ def main(argv=None):
     device, data = common.setup(args, f"blockwise_kd_{args.teacher}_{args.student}")
     teacher = common.load_teacher(args, data)
     torch.manual_seed(args.seed)
-    student = models.create_model(args.student, data.num_classes).to(device)
-    if device.type == "cuda":
-        student.to(memory_format=torch.channels_last)
+    student = common.build_model(args.student, data.num_classes, device)
     train_student(args, data, teacher, student)
 
 

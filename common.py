@@ -290,6 +290,14 @@ def count_params(module):
     return sum(p.numel() for p in module.parameters())
 
 
+def build_model(name, num_classes, device):
+    """A fresh model on `device`, in channels_last memory format on CUDA (faster convolutions there)."""
+    model = create_model(name, num_classes).to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
 def format_seconds(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
@@ -447,7 +455,7 @@ def teacher_candidates(args):
 def load_teacher(args, data):
     """The frozen teacher in eval mode: from --teacher-ckpt, else from checkpoints/, else trained first."""
     device = data.train_x.device
-    teacher = create_model(args.teacher, data.num_classes)
+    teacher = build_model(args.teacher, data.num_classes, device)
     path = args.teacher_ckpt or next((p for p in teacher_candidates(args) if p.exists()), None)
     if path is None:
         target = teacher_candidates(args)[0]
@@ -457,18 +465,13 @@ def load_teacher(args, data):
         recipe = make_recipe(args, model_family(args.teacher), epochs=args.teacher_epochs, use_overrides=False)
         torch.manual_seed(args.seed)
         teacher_args = argparse.Namespace(**{**vars(args), "resume": True})  # a killed teacher run continues
-        teacher.to(device)
-        if device.type == "cuda":
-            teacher.to(memory_format=torch.channels_last)
         fit(teacher_args, data, teacher, target.parent / f"{args.teacher}_run", recipe,
             title=f"teacher {args.teacher}")
         os.replace(target.parent / f"{args.teacher}_run" / "model.pth", target)
         path = target
     checkpoint = load_weights(teacher, path)
     log(f"teacher {args.teacher} from {path} (epoch {checkpoint.get('epoch')}, accuracy {checkpoint.get('accuracy')})")
-    teacher.to(device).eval()
-    if device.type == "cuda":
-        teacher.to(memory_format=torch.channels_last)
+    teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
@@ -556,9 +559,7 @@ def main():
     add_common_args(parser)
     args = parser.parse_args()
     device, data = setup(args, args.model)
-    model = create_model(args.model, data.num_classes).to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    model = build_model(args.model, data.num_classes, device)
     fit(args, data, model, args.out_dir, make_recipe(args, model_family(args.model)))
 
 

@@ -232,9 +232,7 @@ def main():
     device, data = common.setup(args, f"lfcc_{args.teacher}_{args.student}")
     teacher = common.load_teacher(args, data)
     torch.manual_seed(args.seed)
-    student = models.create_model(args.student, data.num_classes).to(device)
-    if device.type == "cuda":
-        student.to(memory_format=torch.channels_last)
+    student = common.build_model(args.student, data.num_classes, device)
     recipe = common.make_recipe(args, models.model_family(args.student))
     distill(args, data, teacher, student, recipe)
 

@@ -301,9 +301,7 @@ def main():
     device, data = common.setup(args, f"sskd_{args.teacher}_{args.student}")
     teacher = common.load_teacher(args, data)
     torch.manual_seed(args.seed)
-    student = create_model(args.student, data.num_classes).to(device)
-    if device.type == "cuda":
-        student.to(memory_format=torch.channels_last)
+    student = common.build_model(args.student, data.num_classes, device)
     run_sskd(args, data, student, teacher)
 
 

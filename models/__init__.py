@@ -25,7 +25,6 @@ Stage outputs are the features. Their form is given by two class attributes:
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from .resnet import RESNETS, CifarResNet
