@@ -1,4 +1,5 @@
-"""Model zoo: CIFAR ResNets, wide ResNets, a ViT and an MLP-Mixer, all at 32x32 input.
+"""Model zoo: the CIFAR-100 benchmark's CNNs (ResNets, wide ResNets, VGGs, MobileNetV2, ShuffleNetV1/V2,
+ResNet50), a ViT and an MLP-Mixer, all at 32x32 input.
 
     from models import create_model, MODEL_NAMES
     model = create_model("resnet32x4", num_classes=100)
@@ -19,20 +20,56 @@ model's own (training stage k through `stages[k-1].parameters()` trains the mode
 Stage outputs are the features. Their form is given by two class attributes:
 - `feature_kind`: "map" for CNNs, (B, C, H, W); "tokens" for ViT/Mixer, (B, N, D) with N = 8x8 patches
   and no class token. `to_map` and `to_tokens` convert between the two without loss.
-- `stage_output_activation`: "relu" where stage outputs are post-activation (CIFAR ResNets), None where
-  they are pre-activation (WRN: the head starts with BN + ReLU; token models: the head starts with LayerNorm).
+- `stage_output_activation`: "relu" where stage outputs are post-activation (CIFAR ResNets, VGGs,
+  ShuffleV1/V2, ResNet50), None where they are not (WRN: pre-activation, the head starts with BN + ReLU;
+  MobileNetV2: linear bottlenecks end with BN + the residual input; token models: the head starts with
+  LayerNorm).
+
+Stage boundaries of the zoo models with more than three natural blocks [choice]. The benchmark code
+returns the features f0 (stem), f1, f2, ... of `is_feat`; the stages end at three of them, chosen so that
+every standard pair's student and teacher run their stages on the same grids where the architectures allow:
+- VGG: block0 + pool + block1 | pool + block2 | pool + block3 + block4, each block with its ReLU:
+  128x16x16, 256x8x8, 512x4x4 (f1, f2, f4; f3 and f4 are both 512x4x4 at 32x32 since the zoo does not
+  pool between blocks 3 and 4 there). The 64x32x32 block-0 output is inside stage 1.
+- MobileNetV2: stem + groups 0-1 | group 2 | groups 3-4: 12x16x16, 16x8x8, 48x4x4 (f1, f2, f3). Groups
+  5-6 (160x2x2, f4), the 1x1 conv to 1280 and the classifier form the head.
+- ShuffleV1 / ShuffleV2: stem + stage 1 | stage 2 | stage 3: 240x16x16, 480x8x8, 960x4x4 /
+  116x16x16, 232x8x8, 464x4x4 (f1, f2, f3; no choice: three natural stages).
+- ResNet50: stem + layer1 + layer2 | layer3 | layer4: 512x16x16, 1024x8x8, 2048x4x4 (f2, f3, f4). Not
+  layer1-3: that would put layer4 (15 M of the 23.7 M parameters) in the head, and give 32/16/8 grids
+  against the 16/8/4 of its standard students (vgg8, MobileNetV2).
+`FEATURE_POINTS` records which `is_feat` entries the stage outputs are ((1, 2, 3) where not listed).
+
+Recipes: `DEFAULT_LR` holds the benchmark's per-model peak learning rate where it differs from the CNN
+recipe's 0.05 (MobileNetV2 and the ShuffleNets train with 0.01); `--lr` still overrides it.
 """
 import math
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+from .mobilenetv2 import MobileNetV2
 from .resnet import RESNETS, CifarResNet
+from .resnet50 import BottleneckResNet
+from .shufflenet import ShuffleNetV1, ShuffleNetV2
 from .token_models import mlp_mixer, vit
+from .vgg import VGG, VGGS
 from .wrn import WRNS, WideResNet
 
-MODEL_NAMES = list(RESNETS) + list(WRNS) + ["vit", "mlp_mixer"]
+OTHER_CNNS = {"MobileNetV2": MobileNetV2, "ShuffleV1": ShuffleNetV1, "ShuffleV2": ShuffleNetV2,
+              "ResNet50": BottleneckResNet}
+MODEL_NAMES = list(RESNETS) + list(WRNS) + list(VGGS) + list(OTHER_CNNS) + ["vit", "mlp_mixer"]
 TOKEN_MODELS = ("vit", "mlp_mixer")
+
+# The benchmark's peak lr for these students (the cnn recipe's is 0.05); same schedule otherwise.
+DEFAULT_LR = {"MobileNetV2": 0.01, "ShuffleV1": 0.01, "ShuffleV2": 0.01}
+
+# Indices into the benchmark code's `is_feat` list [f0 (stem), f1, ...] of the three stage outputs.
+FEATURE_POINTS = {**{name: (1, 2, 4) for name in VGGS}, "ResNet50": (2, 3, 4)}
+
+# state_dict key of the classifier's weight, by the zoo's names.
+CLASSIFIER_WEIGHTS = ("fc.weight", "classifier.weight", "classifier.0.weight", "linear.weight")
 
 
 def create_model(name, num_classes=100):
@@ -41,6 +78,10 @@ def create_model(name, num_classes=100):
         model = CifarResNet(*RESNETS[name], num_classes)
     elif name in WRNS:
         model = WideResNet(*WRNS[name], num_classes)
+    elif name in VGGS:
+        model = VGG(VGGS[name], num_classes)
+    elif name in OTHER_CNNS:
+        model = OTHER_CNNS[name](num_classes=num_classes)
     elif name == "vit":
         model = vit(num_classes)
     elif name == "mlp_mixer":
@@ -54,6 +95,17 @@ def create_model(name, num_classes=100):
 def model_family(name):
     """'token' for ViT/MLP-Mixer (AdamW recipe), 'cnn' otherwise (SGD recipe)."""
     return "token" if name in TOKEN_MODELS else "cnn"
+
+
+def classifier(model):
+    """The final nn.Linear (`fc`, `classifier`, `classifier[0]` or `linear`, by the zoo's names)."""
+    return [m for m in model.head().modules() if isinstance(m, nn.Linear)][-1]
+
+
+def state_dict_classes(state_dict):
+    """The number of classes of a zoo state_dict (its classifier's rows), or None if it has no known classifier."""
+    key = next((k for k in CLASSIFIER_WEIGHTS if k in state_dict), None)
+    return None if key is None else state_dict[key].shape[0]
 
 
 def stage_features(model, x):
