@@ -32,7 +32,8 @@ every standard pair's student and teacher run their stages on the same grids whe
   128x16x16, 256x8x8, 512x4x4 (f1, f2, f4; f3 and f4 are both 512x4x4 at 32x32 since the zoo does not
   pool between blocks 3 and 4 there). The 64x32x32 block-0 output is inside stage 1.
 - MobileNetV2: stem + groups 0-1 | group 2 | groups 3-4: 12x16x16, 16x8x8, 48x4x4 (f1, f2, f3). Groups
-  5-6 (160x2x2, f4), the 1x1 conv to 1280 and the classifier form the head.
+  5-6 (160x2x2, f4), the 1x1 conv to 1280 and the classifier form the head: 664 k of its 813 k
+  parameters, which SSKD's head phase re-initialises and trains (f4 as stage 3 would leave a 2x2 grid).
 - ShuffleV1 / ShuffleV2: stem + stage 1 | stage 2 | stage 3: 240x16x16, 480x8x8, 960x4x4 /
   116x16x16, 232x8x8, 464x4x4 (f1, f2, f3; no choice: three natural stages).
 - ResNet50: stem + layer1 + layer2 | layer3 | layer4: 512x16x16, 1024x8x8, 2048x4x4 (f2, f3, f4). Not
@@ -41,7 +42,7 @@ every standard pair's student and teacher run their stages on the same grids whe
 `FEATURE_POINTS` records which `is_feat` entries the stage outputs are ((1, 2, 3) where not listed).
 
 Recipes: `DEFAULT_LR` holds the benchmark's per-model peak learning rate where it differs from the CNN
-recipe's 0.05 (MobileNetV2 and the ShuffleNets train with 0.01); `--lr` still overrides it.
+recipe's 0.05 (MobileNetV2 and the ShuffleNets train with 0.01), for common.make_recipe; `--lr` overrides it.
 """
 import math
 
