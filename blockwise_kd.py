@@ -242,7 +242,7 @@ def train_student(args, data, teacher, student, out_dir=None):
     stepping_stones = SteppingStones(teacher, student, stones, args.identity_connector).to(device)
     if device.type == "cuda":
         stepping_stones.to(memory_format=torch.channels_last)
-    recipe = common.make_recipe(args, models.model_family(student.arch))
+    recipe = common.make_recipe(args, models.model_family(student.arch), model_name=student.arch)
     connector_params = common.count_params(stepping_stones)
     common.log(f"Block-KD: stepping-stones {stones or 'none'} (weights "
                f"{[stone_weight(i, num_stages) for i in stones]}), {connector_params:,} connector parameters, "

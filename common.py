@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import MODEL_NAMES, create_model, model_family
+from models import DEFAULT_LR, MODEL_NAMES, classifier, create_model, model_family, state_dict_classes
 
 NORMALIZATION = {  # the benchmark's per-channel mean and std
     "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
@@ -192,12 +192,13 @@ def test_batches(data, batch_size=500, channels_last=False):
 
 # ------------------------------------------------------------------------------------------- recipes
 
-def make_recipe(args, family, epochs=None, use_overrides=True):
+def make_recipe(args, family, epochs=None, use_overrides=True, model_name=None):
     """The training recipe for a model family; flags given on the command line override it.
 
     cnn: the CIFAR benchmark's SGD recipe (lr 0.05, momentum 0.9, wd 5e-4, batch 64, x0.1 at 62.5/75/87.5 %
-    of the epochs, i.e. 150/180/210 of 240). token (ViT/Mixer): AdamW lr 1e-3, wd 0.05, batch 128, cosine
-    with linear warm-up (5 epochs, at most a tenth of the run), label smoothing 0.1."""
+    of the epochs, i.e. 150/180/210 of 240); the benchmark's MobileNetV2/ShuffleV1/ShuffleV2 use lr 0.01
+    (models.DEFAULT_LR, picked by `model_name`). token (ViT/Mixer): AdamW lr 1e-3, wd 0.05, batch 128,
+    cosine with linear warm-up (5 epochs, at most a tenth of the run), label smoothing 0.1."""
     if family == "cnn":
         recipe = dict(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=64,
                       schedule="step", lr_decay=0.1, warmup_epochs=0, label_smoothing=0.0)
@@ -205,6 +206,7 @@ def make_recipe(args, family, epochs=None, use_overrides=True):
         recipe = dict(optimizer="adamw", lr=1e-3, momentum=0.9, weight_decay=0.05, batch_size=128,
                       schedule="cosine", lr_decay=0.1, warmup_epochs=None, label_smoothing=0.1)
     recipe.update(epochs=epochs or args.epochs, milestones=None, grad_clip=0.0)
+    recipe["lr"] = DEFAULT_LR.get(model_name, recipe["lr"])
     if use_overrides:
         recipe.update({k: getattr(args, k) for k in recipe if k != "epochs" and getattr(args, k, None) is not None})
     if recipe["warmup_epochs"] is None:
@@ -245,7 +247,7 @@ def save_atomic(obj, path):
 
 def identify_architecture(state_dict):
     """The zoo name whose state_dict keys and shapes match, or None. Builds models on the meta device."""
-    num_classes = state_dict["fc.weight"].shape[0] if "fc.weight" in state_dict else 100
+    num_classes = state_dict_classes(state_dict) or 100
     shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
     for name in MODEL_NAMES:
         with torch.device("meta"):
@@ -268,8 +270,8 @@ def load_weights(model, path):
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise SystemExit(f"error: {path} holds no state_dict (expected a dict with a 'model' entry)")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    want_classes = model.fc.out_features
-    found_classes = state["fc.weight"].shape[0] if "fc.weight" in state else None
+    want_classes = classifier(model).out_features
+    found_classes = state_dict_classes(state)
     found_arch = checkpoint.get("arch") or identify_architecture(state) or "an unknown architecture"
     if found_arch != model.arch or found_classes != want_classes:
         raise SystemExit(f"error: {path} holds {found_arch} with {found_classes} classes, but {model.arch} "
@@ -281,7 +283,7 @@ def load_weights(model, path):
 def model_file(model, epoch, accuracy):
     """The benchmark's checkpoint format, plus the architecture name and class count for safer loading."""
     return {"model": model.state_dict(), "epoch": epoch, "accuracy": accuracy, "arch": model.arch,
-            "num_classes": model.fc.out_features}
+            "num_classes": classifier(model).out_features}
 
 
 # --------------------------------------------------------------------------------------- the loop
@@ -462,7 +464,8 @@ def load_teacher(args, data):
         log(f"no {args.teacher} teacher checkpoint for {dataset_tag(args)} (looked for "
             f"{', '.join(map(str, teacher_candidates(args)))}); training it first with the standard "
             f"{model_family(args.teacher)} recipe for {args.teacher_epochs} epochs -> {target}")
-        recipe = make_recipe(args, model_family(args.teacher), epochs=args.teacher_epochs, use_overrides=False)
+        recipe = make_recipe(args, model_family(args.teacher), epochs=args.teacher_epochs, use_overrides=False,
+                             model_name=args.teacher)
         torch.manual_seed(args.seed)
         teacher_args = argparse.Namespace(**{**vars(args), "resume": True})  # a killed teacher run continues
         fit(teacher_args, data, teacher, target.parent / f"{args.teacher}_run", recipe,
@@ -492,7 +495,7 @@ def add_common_args(parser):
     g = parser.add_argument_group("training recipe (unset: the student family's default)")
     g.add_argument("--epochs", type=int, default=240, help="training epochs (default 240)")
     g.add_argument("--batch-size", type=int, help="batch size (cnn 64, token 128)")
-    g.add_argument("--lr", type=float, help="peak learning rate (cnn 0.05, token 1e-3)")
+    g.add_argument("--lr", type=float, help="peak learning rate (cnn 0.05, MobileNetV2/ShuffleV1/V2 0.01, token 1e-3)")
     g.add_argument("--optimizer", choices=["sgd", "adamw"], help="cnn sgd, token adamw")
     g.add_argument("--momentum", type=float, help="SGD momentum (0.9)")
     g.add_argument("--weight-decay", type=float, help="weight decay (cnn 5e-4, token 0.05)")
@@ -560,7 +563,7 @@ def main():
     args = parser.parse_args()
     device, data = setup(args, args.model)
     model = build_model(args.model, data.num_classes, device)
-    fit(args, data, model, args.out_dir, make_recipe(args, model_family(args.model)))
+    fit(args, data, model, args.out_dir, make_recipe(args, model_family(args.model), model_name=args.model))
 
 
 if __name__ == "__main__":

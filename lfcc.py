@@ -233,7 +233,7 @@ def main():
     teacher = common.load_teacher(args, data)
     torch.manual_seed(args.seed)
     student = common.build_model(args.student, data.num_classes, device)
-    recipe = common.make_recipe(args, models.model_family(args.student))
+    recipe = common.make_recipe(args, models.model_family(args.student), model_name=args.student)
     distill(args, data, teacher, student, recipe)
 
 

@@ -194,7 +194,7 @@ def train_backbone(args, data, student, teacher, trained, epochs, out_dir):
     def eval_fn(x, y):  # the unweighted test feature MSE, student (adapted) vs teacher
         return dict(zip(names, feature_distances(student, teacher, adapters, x, trained, args.teacher_input)))
 
-    recipe = common.make_recipe(args, model_family(student.arch), epochs=epochs)
+    recipe = common.make_recipe(args, model_family(student.arch), epochs=epochs, model_name=student.arch)
     name = "all stages jointly" if len(trained) > 1 else f"stage {trained[0] + 1}/{len(stages)}"
     adapted = [k + 1 for k in trained if not isinstance(adapters[k], nn.Identity)]
     common.log(f"SSKD phase A, {name}: {student.arch} <- {teacher.arch}, "
@@ -216,7 +216,7 @@ def train_head(args, data, student, epochs, out_dir):
     stages, head = student.stages(), student.head()
     train_modules = [student] if args.finetune_all else [head]
     set_trainable(student, train_modules)
-    recipe = common.make_recipe(args, model_family(student.arch), epochs=epochs)
+    recipe = common.make_recipe(args, model_family(student.arch), epochs=epochs, model_name=student.arch)
 
     def loss_fn(x, y, progress):
         with torch.set_grad_enabled(args.finetune_all):

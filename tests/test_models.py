@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import SHARED
-from models import MODEL_NAMES, create_model, feature_shapes, resize_map, stage_features, to_map, to_tokens
+from models import FEATURE_POINTS, MODEL_NAMES, classifier, create_model, feature_shapes, resize_map, stage_features, to_map, to_tokens
 
 ZOO = SHARED / "reference" / "cifar_model_zoo.json"
 ZOO_NAMES = [n for n in MODEL_NAMES if n not in ("vit", "mlp_mixer")]
@@ -26,8 +26,8 @@ def test_state_dict_matches_zoo_and_loads_strictly(name):
     # A state_dict built from the JSON alone (as a public checkpoint would be) loads with strict=True.
     fake = {k: torch.randn(s) if s else torch.tensor(7) for k, s in zoo["state_dict"]}
     model.load_state_dict(fake, strict=True)
-    assert torch.equal(model.state_dict()["fc.weight"], fake["fc.weight"])
-    assert feature_shapes(model) == [tuple(s) for s in zoo["is_feat_shapes"][1:4]]
+    assert torch.equal(classifier(model).weight, fake[zoo["state_dict"][-2][0]])
+    assert feature_shapes(model) == [tuple(zoo["is_feat_shapes"][i]) for i in FEATURE_POINTS.get(name, (1, 2, 3))]
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

@@ -99,6 +99,13 @@ def test_schedules():
     assert common.make_recipe(make_args("--lr", 0.1, "--milestones", 5, 7), "cnn")["milestones"] == [5, 7]
 
 
+def test_benchmark_lr_for_mobilenet_and_shufflenets_and_the_flag_overrides_it():
+    for name in ("MobileNetV2", "ShuffleV1", "ShuffleV2"):
+        assert common.make_recipe(make_args(), "cnn", model_name=name)["lr"] == 0.01
+        assert common.make_recipe(make_args("--lr", 0.05), "cnn", model_name=name)["lr"] == 0.05
+    assert common.make_recipe(make_args(), "cnn", model_name="vgg8")["lr"] == 0.05
+
+
 def test_missing_teacher_is_trained_then_found(tmp_path, synthetic_data, capsys):
     args = make_args("--dataset", "synthetic", "--train-subset", 640, "--teacher", "resnet8",
                      "--teacher-epochs", 1, "--checkpoint-dir", tmp_path)
