@@ -150,7 +150,8 @@ def stone_weight(i, num_stages):
 
 
 def warmup_factor(progress, ramp_epochs):
-    """r(t): linear from 0 at epoch 0 to 1 at `ramp_epochs` (float epochs), then 1; 1 throughout if 0."""
+    """r(t): linear from 0 at epoch 0 to 1 at `ramp_epochs` (float epochs), then 1; 1 throughout if 0.
+    `progress` is a float, or a 0-dim tensor under --compile (then so is the result)."""
     return 1.0 if ramp_epochs <= 0 else min(1.0, progress / ramp_epochs)
 
 
@@ -177,7 +178,7 @@ def blockkd_loss(student_logits, teacher_logits, stone_logits, y, args, num_stag
             cross_weights[i] * kd_distance(ensemble, z, T) for i, z in stone_logits.items())
     loss = args.alpha * task + ramp * (args.beta * distill + args.gamma * cross)
     terms = {"task": task.detach(), "distill": distill.detach(), "cross": cross.detach(),
-             "ramp": torch.full((), ramp, device=student_logits.device)}
+             "ramp": torch.as_tensor(ramp, dtype=torch.float32, device=student_logits.device)}
     return loss, terms
 
 
@@ -240,8 +241,6 @@ def train_student(args, data, teacher, student, out_dir=None):
     stones = parse_stones(args.stones, num_stages)
     ramp_epochs = resolve_ramp_epochs(args, stones)
     stepping_stones = SteppingStones(teacher, student, stones, args.identity_connector).to(device)
-    if device.type == "cuda":
-        stepping_stones.to(memory_format=torch.channels_last)
     recipe = common.make_recipe(args, models.model_family(student.arch), model_name=student.arch)
     connector_params = common.count_params(stepping_stones)
     common.log(f"Block-KD: stepping-stones {stones or 'none'} (weights "

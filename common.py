@@ -7,10 +7,17 @@ Run alone it trains one model with the standard recipe (teachers and the plain-s
 
 Data: the whole dataset is a uint8 tensor on the training device; crop (4-pixel zero padding), flip and
 normalisation run batched there, driven by a generator seeded with (seed, epoch), so an epoch's batches
-are the same whether a run was resumed or not. Training: one loop (`fit`) for every script; bf16
-autocast and channels_last on CUDA, fp32 on CPU; evaluation every epoch; `metrics.jsonl`,
-`summary.json`, a resumable `checkpoint.pt` written atomically every epoch, and the final model in the
-benchmark format `{'model': state_dict, 'epoch', 'accuracy'}` as `model.pth`.
+are the same whether a run was resumed or not. Training: one loop (`fit`) for every script; evaluation
+every epoch (or every `--eval-every`); `metrics.jsonl`, `summary.json`, a resumable `checkpoint.pt`
+written atomically every epoch, and the final model in the benchmark format
+`{'model': state_dict, 'epoch', 'accuracy'}` as `model.pth`.
+
+Fast paths, decided in one place (`fast_paths`) and named in every run's first log line: `--amp bf16|off`
+(bf16 autocast; default bf16 on CUDA, off on CPU), `--channels-last` (default on),
+`--compile` (torch.compile of the forward and loss; backward follows), and the fused SGD/AdamW kernel
+wherever the installed torch has one for the device. On CUDA, TF32 is allowed for float32 matmuls and
+convolutions, and cuDNN picks its algorithms by benchmark (`--deterministic` switches both to
+reproducible choices).
 """
 import argparse
 import json
@@ -227,12 +234,82 @@ def learning_rate(recipe, progress):
     return base * recipe["lr_decay"] ** sum(progress >= m for m in recipe["milestones"])
 
 
-def make_optimizer(recipe, params, device):
-    fused = {"fused": True} if device.type == "cuda" else {}
+def make_optimizer(recipe, params, fused=False):
+    """SGD or AdamW from the recipe; `fused` selects the single-kernel implementation (same update)."""
     if recipe["optimizer"] == "sgd":
         return torch.optim.SGD(params, lr=recipe["lr"], momentum=recipe["momentum"],
-                               weight_decay=recipe["weight_decay"], **fused)
-    return torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=recipe["weight_decay"], **fused)
+                               weight_decay=recipe["weight_decay"], fused=fused)
+    return torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=recipe["weight_decay"], fused=fused)
+
+
+# ------------------------------------------------------------------------------------------ fast paths
+
+def fused_optimizer_available(device):
+    """Whether the installed torch has fused SGD/AdamW kernels for this device type."""
+    try:
+        torch.optim.SGD([torch.zeros(1, device=device, requires_grad=True)], lr=0.1, fused=True)
+        return True
+    except (RuntimeError, ValueError):
+        return False
+
+
+def fast_paths(args, device):
+    """The speed settings of a run, decided here and nowhere else.
+
+    amp: bf16 autocast of forward and loss (`--amp`; default bf16 on CUDA, off on CPU). Losses that need
+        float32 compute in float32 inside it (KD terms, InfoNCE, feature MSE).
+    channels_last: NHWC memory format for images, models and connectors (`--[no-]channels-last`; default on:
+        faster convolutions with cuDNN, and on CPU measured 1.17-1.22x the images/s of every method with a CNN
+        student, see README).
+    compile: None, or the torch.compile mode of the forward and loss (`--compile [MODE]`): "default" fuses
+        kernels; "reduce-overhead" also replays each step as a CUDA graph, for steps bound by kernel launches.
+    fused: the single-kernel SGD/AdamW update wherever torch has one for the device (not a flag)."""
+    cuda = device.type == "cuda"
+    return argparse.Namespace(
+        amp=(args.amp or ("bf16" if cuda else "off")) == "bf16",
+        channels_last=True if args.channels_last is None else args.channels_last,
+        compile=args.compile,
+        fused=fused_optimizer_available(device))
+
+
+def describe(fast):
+    return (f"amp {'bf16' if fast.amp else 'off'}, channels_last {'on' if fast.channels_last else 'off'}, "
+            f"compile {fast.compile or 'off'}, fused optimizer {'on' if fast.fused else 'off'}")
+
+
+def make_train_step(loss_fn, optimizer, params, recipe, fast, device):
+    """step(x, y, progress, lr) -> (loss, {name: term}), all detached: forward and loss under autocast
+    (compiled with fast.compile), backward, gradient clipping, optimizer step at learning rate `lr`."""
+    def forward(x, y, progress):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast.amp):
+            return loss_fn(x, y, progress)
+
+    if fast.compile:
+        # A Python float that changes from call to call is not safe to pass into torch.compile: after the
+        # second value it becomes symbolic and expressions such as min(1.0, progress / r) were frozen at
+        # that value (Block-KD's warm-up stuck at 0.6). So `progress` enters as a 0-dim device tensor,
+        # updated in place (no host-to-device copy). dynamic=False: one graph per batch size.
+        # Every train step shares this code, and dynamo keeps at most 8 graphs per code object (then runs
+        # eager, silently): SSKD's five fits with two batch sizes each would pass that. So start afresh.
+        torch.compiler.reset()
+        compiled_forward = torch.compile(forward, dynamic=False, mode=fast.compile)
+        progress_tensor = torch.zeros((), device=device)
+
+        def forward(x, y, progress):  # noqa: F811
+            torch.compiler.cudagraph_mark_step_begin()  # a new training step: earlier graph outputs are consumed
+            return compiled_forward(x, y, progress_tensor.fill_(progress))
+
+    def step(x, y, progress, lr):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, terms = forward(x, y, progress)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if recipe["grad_clip"]:
+            nn.utils.clip_grad_norm_(params, recipe["grad_clip"])
+        optimizer.step()
+        return loss.detach(), {name: value.detach() for name, value in terms.items()}
+    return step
 
 
 # --------------------------------------------------------------------------------------- checkpoints
@@ -293,11 +370,8 @@ def count_params(module):
 
 
 def build_model(name, num_classes, device):
-    """A fresh model on `device`, in channels_last memory format on CUDA (faster convolutions there)."""
-    model = create_model(name, num_classes).to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    return model
+    """A fresh model on `device` (fit puts it in channels_last where the fast paths say so)."""
+    return create_model(name, num_classes).to(device)
 
 
 def format_seconds(s):
@@ -318,7 +392,8 @@ def fit(args, data, model, out_dir, recipe, loss_fn=None, train_modules=None, ev
         (default [model]); everything else stays in eval mode, a teacher or frozen stages for example.
         Their state goes into the resumable checkpoint (connectors, projectors), not into `model.pth`.
     loss_fn(x, y, progress) -> (loss, {name: scalar tensor}): the training objective; `progress` is the
-        float epoch. The named terms are averaged over the epoch and logged. Default: cross-entropy.
+        float epoch (a 0-dim tensor under --compile: use it in arithmetic and min/max only). The named
+        terms are averaged over the epoch and logged. Default: cross-entropy.
     eval_fn(x, y) -> {name: batch-mean tensor}: test metrics, averaged over the test set; 'test_acc' (in %)
         is tracked for best/last accuracy when present. Default: the model's accuracy.
     """
@@ -331,12 +406,14 @@ def fit(args, data, model, out_dir, recipe, loss_fn=None, train_modules=None, ev
         def loss_fn(x, y, progress):
             loss = F.cross_entropy(model(x), y, label_smoothing=recipe["label_smoothing"])
             return loss, {}
-    step_fn = torch.compile(loss_fn) if args.compile else loss_fn
-    channels_last = device.type == "cuda"
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    fast = fast_paths(args, device)
+    if fast.channels_last:
+        for module in [model] + train_modules:
+            module.to(memory_format=torch.channels_last)
     params = [p for m in train_modules for p in m.parameters() if p.requires_grad]
     params = list({id(p): p for p in params}.values())
-    optimizer = make_optimizer(recipe, params, device)
+    optimizer = make_optimizer(recipe, params, fast.fused)
+    train_step = make_train_step(loss_fn, optimizer, params, recipe, fast, device)
 
     checkpoint_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.jsonl"
     start_epoch, best_acc, best_epoch, history = 0, None, None, []
@@ -355,7 +432,7 @@ def fit(args, data, model, out_dir, recipe, loss_fn=None, train_modules=None, ev
     run_start = time.time()
     trained_seconds = sum(h["seconds"] for h in history)
     log(f"{title or model.arch}: {recipe['epochs']} epochs x {steps_per_epoch} steps, batch {recipe['batch_size']}, "
-        f"{recipe['optimizer']} lr {recipe['lr']}, {count_params(model):,} params, device {device}")
+        f"{recipe['optimizer']} lr {recipe['lr']}, {count_params(model):,} params, device {device}; {describe(fast)}")
     for epoch in range(start_epoch, recipe["epochs"]):
         model.eval()
         for module in train_modules:
@@ -363,22 +440,14 @@ def fit(args, data, model, out_dir, recipe, loss_fn=None, train_modules=None, ev
         epoch_start = last_print = time.time()
         loss_sum = torch.zeros((), device=device)
         term_sums, seen = {}, 0
-        for step, (x, y) in enumerate(train_batches(data, recipe["batch_size"], args.seed, epoch, channels_last)):
+        for step, (x, y) in enumerate(train_batches(data, recipe["batch_size"], args.seed, epoch, fast.channels_last)):
             progress = epoch + step / steps_per_epoch
             lr = learning_rate(recipe, progress)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast:
-                loss, terms = step_fn(x, y, progress)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if recipe["grad_clip"]:
-                nn.utils.clip_grad_norm_(params, recipe["grad_clip"])
-            optimizer.step()
+            loss, terms = train_step(x, y, progress, lr)
             # Sums stay on the device: no host sync per step.
-            loss_sum += loss.detach().float() * len(y)
+            loss_sum += loss.float() * len(y)
             for name, value in terms.items():
-                term_sums[name] = term_sums.get(name, 0) + value.detach().float() * len(y)
+                term_sums[name] = term_sums.get(name, 0) + value.float() * len(y)
             seen += len(y)
             if time.time() - last_print > args.log_every and step + 1 < steps_per_epoch:
                 last_print = time.time()
@@ -393,7 +462,8 @@ def fit(args, data, model, out_dir, recipe, loss_fn=None, train_modules=None, ev
         row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / seen, "lr": lr,
                "images_per_sec": seen / train_seconds}
         row.update({name: value.item() / seen for name, value in term_sums.items()})
-        row.update(evaluate(data, eval_fn, model, train_modules, autocast, channels_last))
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == recipe["epochs"]:
+            row.update(evaluate(data, eval_fn, model, train_modules, fast))
         row["seconds"] = time.time() - epoch_start
         trained_seconds += row["seconds"]
         if "test_acc" in row and (best_acc is None or row["test_acc"] > best_acc):
@@ -414,7 +484,8 @@ def fit(args, data, model, out_dir, recipe, loss_fn=None, train_modules=None, ev
         save_atomic(model_file(model, recipe["epochs"], last["test_acc"]), out_dir / "model.pth")
     summary = {"last_acc": last.get("test_acc"), "best_acc": best_acc, "best_epoch": best_epoch,
                "epochs": recipe["epochs"], "params": count_params(model), "seconds": trained_seconds,
-               "last_epoch": last, "recipe": recipe, "config": vars(args)}
+               "evaluated_epochs": [h["epoch"] for h in history if "test_acc" in h],
+               "last_epoch": last, "recipe": recipe, "fast_paths": vars(fast), "config": vars(args)}
     with open(out_dir / "summary.json", "w") as f:
         json.dump(summary, f, indent=1, default=str)
     log(f"done in {format_seconds(time.time() - run_start)}: last acc {summary['last_acc']}, best {best_acc} "
@@ -430,13 +501,13 @@ def check_finite(loss_sum, epoch, checkpoint_path):
 
 
 @torch.no_grad()
-def evaluate(data, eval_fn, model, train_modules, autocast, channels_last):
+def evaluate(data, eval_fn, model, train_modules, fast):
     model.eval()
     for module in train_modules:
         module.eval()
     sums, n = {}, 0
-    with autocast:
-        for x, y in test_batches(data, channels_last=channels_last):
+    with torch.autocast(data.test_x.device.type, dtype=torch.bfloat16, enabled=fast.amp):
+        for x, y in test_batches(data, channels_last=fast.channels_last):
             for name, value in eval_fn(x, y).items():
                 sums[name] = sums.get(name, 0) + value.float() * len(y)
             n += len(y)
@@ -474,6 +545,8 @@ def load_teacher(args, data):
         path = target
     checkpoint = load_weights(teacher, path)
     log(f"teacher {args.teacher} from {path} (epoch {checkpoint.get('epoch')}, accuracy {checkpoint.get('accuracy')})")
+    if fast_paths(args, device).channels_last:
+        teacher.to(memory_format=torch.channels_last)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -511,7 +584,23 @@ def add_common_args(parser):
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     g.add_argument("--out-dir", help="where metrics.jsonl, summary.json and checkpoints go (default under runs/)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last epoch")
-    g.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    g.add_argument("--eval-every", type=int, default=1, metavar="N",
+                   help="evaluate on the test set every N epochs and after the last (default 1); best-epoch "
+                        "accuracy is then the best of the evaluated epochs, listed in summary.json")
+    g = parser.add_argument_group("speed (defaults depend on the device; the first log line of a run shows them)")
+    g.add_argument("--amp", choices=["bf16", "off"],
+                   help="bf16 autocast of forward and loss (default: bf16 on CUDA, off on CPU)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory format for images and models (default: on, on CUDA and CPU)")
+    g.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead", "max-autotune"],
+                   metavar="MODE", help="torch.compile the forward and loss of the training step (its backward "
+                   "follows) in this mode: default (kernel fusion; the mode when MODE is left out), reduce-overhead "
+                   "(fusion + CUDA graphs, for launch-bound steps on CUDA), max-autotune. The first steps of each "
+                   "batch size are slow while it compiles")
+    g.add_argument("--deterministic", action="store_true",
+                   help="reproducible CUDA runs: deterministic algorithms where torch has them (a warning "
+                        "names the ops that have none), cuDNN benchmark and TF32 off. CPU runs are always "
+                        "reproducible")
     g.add_argument("--log-every", type=float, default=30, help="seconds between progress lines within an epoch")
     g.add_argument("--checkpoint-dir", default="checkpoints", help="where teachers are looked for and saved")
 
@@ -534,9 +623,15 @@ def setup(args, run_name):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but no CUDA device is visible; use --device cpu")
     device = torch.device(args.device)
+    if args.eval_every < 1:
+        raise SystemExit("error: --eval-every must be 1 or more")
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for reproducible matmuls
+        torch.use_deterministic_algorithms(True, warn_only=True)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = not args.deterministic
+        torch.backends.cudnn.deterministic = args.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.deterministic
     data = load_data(args, device)
     args.out_dir = args.out_dir or str(Path("runs") / f"{run_name}_{dataset_tag(args)}_seed{args.seed}")
     log(f"data: {data.name}, {len(data.train_y)} train / {len(data.test_y)} test images, {data.num_classes} "

@@ -74,7 +74,9 @@ class CompactSpace(nn.Module):
     """Per distilled stage a student and a teacher projector, Linear(filtered size -> d), L2-normalised.
 
     The teacher projectors train with the student: they learn which of the teacher's low-frequency content to
-    offer, while the teacher's own weights stay frozen."""
+    offer, while the teacher's own weights stay frozen. The whole space runs in float32, autocast or not:
+    the filtered vectors are cast up, the projection, normalisation and (in `info_nce`) the similarities are
+    float32 matmuls (on CUDA, TF32 may round their inputs' mantissas unless --deterministic)."""
 
     def __init__(self, student_sizes, teacher_sizes, dim):
         super().__init__()
@@ -82,8 +84,9 @@ class CompactSpace(nn.Module):
         self.teacher = nn.ModuleList(nn.Linear(n, dim) for n in teacher_sizes)
 
     def forward(self, index, student_vec, teacher_vec):
-        z_student = F.normalize(self.student[index](student_vec).float(), dim=1)
-        z_teacher = F.normalize(self.teacher[index](teacher_vec).float(), dim=1)
+        with torch.autocast(student_vec.device.type, enabled=False):
+            z_student = F.normalize(self.student[index](student_vec.float()), dim=1)
+            z_teacher = F.normalize(self.teacher[index](teacher_vec.float()), dim=1)
         return z_student, z_teacher
 
 

@@ -179,9 +179,6 @@ def train_backbone(args, data, student, teacher, trained, epochs, out_dir):
     stages = student.stages()
     shapes = list(zip(feature_shapes(student), feature_shapes(teacher)))
     adapters = {k: make_adapter(*shapes[k]).to(device) for k in trained}
-    if device.type == "cuda":
-        for adapter in adapters.values():
-            adapter.to(memory_format=torch.channels_last)
     train_modules = [stages[k] for k in trained] + [adapters[k] for k in trained]
     set_trainable(student, train_modules)
 

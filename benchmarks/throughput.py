@@ -1,14 +1,32 @@
-"""Training throughput of plain KD: our pipeline against the benchmark codebases' pipeline, in one run.
+"""Training throughput of every method, our pipeline against the benchmark codebases' pipeline, in one run.
 
-ours:      the uint8 dataset on the device, crop/flip/normalise batched there (common.train_batches),
-           bf16 autocast + channels_last on CUDA, fp32 on CPU.
-reference: what RepDistiller/mdistiller do: a torchvision DataLoader over PIL images with RandomCrop(32, 4),
-           RandomHorizontalFlip, ToTensor, Normalize in worker processes, fp32.
-Same teacher, student, batch size and KD step (teacher forward under no_grad, student forward/backward,
-SGD step), on random images (throughput does not depend on the pixels). Prints images/s and the ratio.
+Each method's training step is built from the method script's own functions (the loss the script trains
+with, the modules it trains) and run on random images (speed does not depend on the pixels):
 
-    python benchmarks/throughput.py --teacher resnet32x4 --student resnet8x4 --device cpu
-    python benchmarks/throughput.py --teacher resnet32x4 --student resnet8x4 --device cuda --workers 8
+    teacher     the teacher trained alone with its recipe (cross-entropy)
+    kd          plain KD, blockwise_kd.py --stones none --gamma 0 --alpha 0.1 --beta 0.9
+    blockkd     Block-KD with all stepping-stones (blockwise_kd.py defaults)
+    sskd_stage  SSKD phase A for the last stage (the costliest: both backbones run to stage 3)
+    sskd_head   SSKD phase B (frozen backbone, head on labels)
+    lfcc        LFCC (lfcc.py defaults)
+
+Variants of the pipeline:
+
+    reference   what RepDistiller/mdistiller do: a torchvision DataLoader over PIL images (RandomCrop(32, 4),
+                RandomHorizontalFlip, ToTensor, Normalize) in --workers processes, fp32, contiguous memory,
+                eager, the non-fused optimizer; the same loss and modules as ours
+    ours        common.train_batches + common.make_train_step with the device's default fast paths
+    ours+OPT    the same with OPT changed (several joined by '+'): compile (torch.compile, default mode), graphs
+                (torch.compile mode reduce-overhead: CUDA graphs), cl / nocl (channels_last on/off), bf16 / fp32
+                (autocast on/off)
+
+Reported: images/s over --steps timed steps after --warmup untimed ones (compilation happens there; its
+seconds are shown), peak GPU memory, and the minutes 240 epochs of 50,000 images would take at that speed
+(training steps only, no evaluation).
+
+    python benchmarks/throughput.py --device cpu --teacher resnet20 --student resnet8 --methods kd blockkd
+    python benchmarks/throughput.py --device cuda --teacher resnet32x4 --student resnet8x4 --workers 8 \\
+        --variants reference ours ours+compile
 """
 import argparse
 import sys
@@ -20,8 +38,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import blockwise_kd  # noqa: E402
 import common  # noqa: E402
-from models import create_model  # noqa: E402
+import lfcc  # noqa: E402
+import sskd  # noqa: E402
+from models import create_model, feature_shapes, model_family  # noqa: E402
+
+METHODS = ["teacher", "kd", "blockkd", "sskd_stage", "sskd_head", "lfcc"]
 
 
 class PILImages(torch.utils.data.Dataset):
@@ -38,82 +61,212 @@ class PILImages(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
 
 
-def kd_step(teacher, student, optimizer, x, y, autocast):
-    with autocast:
-        with torch.no_grad():
-            teacher_logits = teacher(x)
-        logits = student(x)
-        kl = F.kl_div(F.log_softmax(logits.float() / 4, 1), F.softmax(teacher_logits.float() / 4, 1),
-                      reduction="batchmean") * 16
-        loss = 0.1 * F.cross_entropy(logits.float(), y) + 0.9 * kl
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+def method_args(module, argv):
+    """A method script's flags with their defaults, as its main() would parse them."""
+    parser = argparse.ArgumentParser()
+    common.add_common_args(parser)
+    common.add_distill_args(parser)
+    if module is not None:
+        module.add_args(parser)
+    return parser.parse_args(argv)
 
 
-def measure(batches, step, warmup, steps, batch_size, device):
-    for i, (x, y) in enumerate(batches):
-        if i == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-        if i == warmup + steps:
-            break
-        step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+def frozen_teacher(name, num_classes, device, channels_last):
+    """As common.load_teacher leaves it: eval mode, no trainable parameter, in the run's memory format."""
+    teacher = create_model(name, num_classes).to(device).eval()
+    if channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def build_method(method, teacher_name, student_name, num_classes, device, channels_last):
+    """(model, train_modules, loss_fn, recipe) for one method, built with the method script's functions."""
+    torch.manual_seed(0)
+    if method == "teacher":
+        model = create_model(teacher_name, num_classes).to(device)
+        recipe = common.make_recipe(method_args(None, []), model_family(teacher_name), model_name=teacher_name)
+
+        def loss_fn(x, y, progress):
+            return F.cross_entropy(model(x), y, label_smoothing=recipe["label_smoothing"]), {}
+        return model, [model], loss_fn, recipe
+
+    teacher = frozen_teacher(teacher_name, num_classes, device, channels_last)
+    student = create_model(student_name, num_classes).to(device)
+    recipe = common.make_recipe(method_args(None, []), model_family(student_name), model_name=student_name)
+    if method in ("kd", "blockkd"):
+        argv = ["--stones", "none", "--gamma", "0", "--alpha", "0.1", "--beta", "0.9"] if method == "kd" else []
+        args = method_args(blockwise_kd, argv)
+        stones = blockwise_kd.parse_stones(args.stones, 3)
+        stepping_stones = blockwise_kd.SteppingStones(teacher, student, stones).to(device)
+        loss_fn = blockwise_kd.make_loss_fn(student, teacher, stepping_stones, args,
+                                            blockwise_kd.resolve_ramp_epochs(args, stones), recipe["label_smoothing"])
+        return student, [student, stepping_stones], loss_fn, recipe
+    if method == "sskd_stage":
+        args = method_args(sskd, [])
+        last = 2
+        adapters = {last: sskd.make_adapter(feature_shapes(student)[last], feature_shapes(teacher)[last]).to(device)}
+        train_modules = [student.stages()[last], adapters[last]]
+        sskd.set_trainable(student, train_modules)
+
+        def loss_fn(x, y, progress):  # as in sskd.train_backbone
+            distances = sskd.feature_distances(student, teacher, adapters, x, [last])
+            return args.feat_weight * sum(distances), {}
+        return student, train_modules, loss_fn, recipe
+    if method == "sskd_head":
+        stages, head = student.stages(), student.head()
+        sskd.set_trainable(student, [head])
+
+        def loss_fn(x, y, progress):  # as in sskd.train_head
+            with torch.no_grad():
+                for stage in stages:
+                    x = stage(x)
+            return F.cross_entropy(head(x), y, label_smoothing=recipe["label_smoothing"]), {}
+        return student, [head], loss_fn, recipe
+    if method == "lfcc":
+        args = method_args(lfcc, [])
+        low_pass = lfcc.make_filter(args)
+        space = lfcc.CompactSpace(lfcc.filtered_sizes(student, args.stages, low_pass),
+                                  lfcc.filtered_sizes(teacher, args.stages, low_pass), args.proj_dim).to(device)
+        return student, [student, space], lfcc.make_loss_fn(args, recipe, student, teacher, space, low_pass), recipe
+    raise ValueError(method)
+
+
+def parse_variant(variant, device):
+    """'ours+compile+nocl' -> the fast-path Namespace common.fast_paths gives for those flags."""
+    flags = argparse.Namespace(amp=None, channels_last=None, compile=None)
+    for option in variant.split("+")[1:]:
+        if option in ("compile", "graphs"):
+            flags.compile = "default" if option == "compile" else "reduce-overhead"
+        elif option in ("cl", "nocl"):
+            flags.channels_last = option == "cl"
+        elif option in ("bf16", "fp32"):
+            flags.amp = "bf16" if option == "bf16" else "off"
+        else:
+            raise SystemExit(f"error: unknown variant option {option!r} in {variant!r}")
+    return common.fast_paths(flags, device)
+
+
+def measure(method, variant, args, device, images, labels):
+    if variant == "reference":
+        fast = argparse.Namespace(amp=False, channels_last=False, compile=None, fused=False)
+    else:
+        fast = parse_variant(variant, device)
+    model, train_modules, loss_fn, recipe = build_method(method, args.teacher, args.student, 100, device,
+                                                         fast.channels_last)
+    batch_size = args.batch_size or recipe["batch_size"]
+    mean, std = common.NORMALIZATION["cifar100"]
+    if variant == "reference":
+        import torchvision.transforms as T
+        transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+        loader = torch.utils.data.DataLoader(PILImages(images, labels, transform), batch_size, shuffle=True,
+                                             num_workers=args.workers, pin_memory=device.type == "cuda",
+                                             drop_last=True)
+        batches = ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in loader)
+    else:
+        data = common.Data(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels),
+                           torch.zeros(0, 3, 32, 32, dtype=torch.uint8), torch.zeros(0, dtype=torch.long),
+                           100, mean, std, "random").to(device)
+        batches = common.train_batches(data, batch_size, seed=0, epoch=0, channels_last=fast.channels_last)
+    if fast.channels_last:
+        for module in [model] + train_modules:  # as fit does
+            module.to(memory_format=torch.channels_last)
+    model.eval()
+    for module in train_modules:
+        module.train()
+    params = list({id(p): p for m in train_modules for p in m.parameters() if p.requires_grad}.values())
+    optimizer = common.make_optimizer(recipe, params, fast.fused)
+    step = common.make_train_step(loss_fn, optimizer, params, recipe, fast, device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
     if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * batch_size / (time.perf_counter() - start)
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for i, (x, y) in enumerate(batches):
+        if i == args.warmup:
+            sync()
+            warmup_seconds, start = time.perf_counter() - start, time.perf_counter()
+        if i == args.warmup + args.steps:
+            break
+        loss, _ = step(x, y, i / 1000, recipe["lr"])
+    sync()
+    seconds = time.perf_counter() - start
+    if not torch.isfinite(loss):
+        raise SystemExit(f"error: {method} {variant}: non-finite loss")
+    if args.profile:
+        profile(method, variant, step, batches, args.profile, recipe["lr"], device)
+    images_per_sec = args.steps * batch_size / seconds
+    return {"method": method, "variant": variant, "batch": batch_size, "images_per_sec": images_per_sec,
+            "warmup_seconds": warmup_seconds,
+            "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+            "minutes_240": 240 * 50_000 / images_per_sec / 60}
+
+
+def profile(method, variant, step, batches, steps, lr, device):
+    """Where a step's time goes: the top operators, and the device's busy time against the wall time."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        for _, (x, y) in zip(range(steps), batches):
+            step(x, y, 0.5, lr)
+        torch.cuda.synchronize() if device.type == "cuda" else None
+    wall_ms = (time.perf_counter() - start) / steps * 1e3
+    events = prof.key_averages()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\nprofile of {method} {variant}, {steps} steps:")
+    print(events.table(sort_by=sort, row_limit=12, max_name_column_width=50))
+    if device.type == "cuda":
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy_ms = sum(e.device_time for e in kernels) / 1e3 / steps
+        print(f"per step: wall {wall_ms:.2f} ms (profiled), GPU busy {busy_ms:.2f} ms, "
+              f"{len(kernels) / steps:.0f} kernels\n", flush=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", default="resnet32x4", help="teacher architecture")
-    parser.add_argument("--student", default="resnet8x4", help="student architecture")
-    parser.add_argument("--batch-size", type=int, default=64, help="batch size (the benchmark's 64)")
-    parser.add_argument("--steps", type=int, default=40, help="timed steps per pipeline")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument("--teacher", default="resnet32x4", help="teacher architecture (default resnet32x4)")
+    parser.add_argument("--student", default="resnet8x4", help="student architecture (default resnet8x4)")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, help="methods to time (default all)")
+    parser.add_argument("--variants", nargs="+", default=["reference", "ours"],
+                        help="pipelines: reference, ours, ours+OPT[+OPT] with OPT in compile, graphs, cl, nocl, bf16, fp32")
+    parser.add_argument("--batch-size", type=int, help="batch size (default: the student family's recipe)")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per measurement (default 40)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference pipeline")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    parser.add_argument("--compile", action="store_true", help="torch.compile our student and teacher")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after each measurement, profile this many more steps and print where the time goes")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    n = (args.steps + args.warmup + 1) * args.batch_size
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    n = (args.steps + args.warmup + args.profile + 2) * max(args.batch_size or 0, 128)
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 100, n)
-    mean, std = common.NORMALIZATION["cifar100"]
-    results = {}
-    for pipeline in ("reference", "ours"):
-        torch.manual_seed(0)
-        teacher = create_model(args.teacher, 100).to(device).eval()
-        student = create_model(args.student, 100).to(device).train()
-        optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-        if pipeline == "reference":
-            import torchvision.transforms as T
-            transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                                   T.Normalize(mean, std)])
-            batches = torch.utils.data.DataLoader(PILImages(images, labels, transform), args.batch_size,
-                                                  shuffle=True, num_workers=args.workers,
-                                                  pin_memory=device.type == "cuda", persistent_workers=False)
-            autocast = torch.autocast(device.type, enabled=False)
-        else:
-            data = common.Data(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels),
-                               torch.zeros(0, 3, 32, 32, dtype=torch.uint8), torch.zeros(0, dtype=torch.long),
-                               100, mean, std, "random").to(device)
-            channels_last = device.type == "cuda"
-            if channels_last:
-                teacher.to(memory_format=torch.channels_last)
-                student.to(memory_format=torch.channels_last)
-            if args.compile:
-                teacher, student = torch.compile(teacher), torch.compile(student)
-            batches = common.train_batches(data, args.batch_size, seed=0, epoch=0, channels_last=channels_last)
-            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-        step = lambda x, y: kd_step(teacher, student, optimizer, x, y, autocast)  # noqa: E731
-        results[pipeline] = measure(batches, step, args.warmup, args.steps, args.batch_size, device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"plain KD {args.teacher} -> {args.student}, batch {args.batch_size}, {name}, torch {torch.__version__}")
-    print(f"| pipeline | images/s |\n|---|---|\n| reference (DataLoader + PIL, {args.workers} workers, fp32) | "
-          f"{results['reference']:.0f} |\n| ours | {results['ours']:.0f} |")
-    print(f"ratio ours / reference: {results['ours'] / results['reference']:.2f}x")
+    print(f"{args.teacher} -> {args.student}, {name}, torch {torch.__version__}, {args.steps} timed steps after "
+          f"{args.warmup}", flush=True)
+    print("| method | pipeline | batch | images/s | vs reference | warm-up s | peak MiB | 240 epochs (min) |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
+    for method in args.methods:
+        reference = None
+        for variant in args.variants:
+            r = measure(method, variant, args, device, images, labels)
+            reference = r["images_per_sec"] if variant == "reference" else reference
+            ratio = f"{r['images_per_sec'] / reference:.2f}x" if reference else "-"
+            peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
+            print(f"| {method} | {variant} | {r['batch']} | {r['images_per_sec']:.0f} | {ratio} | "
+                  f"{r['warmup_seconds']:.1f} | {peak} | {r['minutes_240']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -205,6 +205,24 @@ def test_similarities_are_float32_under_bf16_autocast():
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(lfcc.info_nce(a, b, 0.1)[0].item(), rel=1e-6)
 
+    # The compact space (projector Linear, normalisation) runs in float32 too: under autocast its embeddings
+    # are float32 and equal, bit for bit, to those computed without autocast, whether the filtered vectors
+    # come in as float32 or as the bf16 that an autocast backbone produces.
+    torch.manual_seed(0)
+    space = lfcc.CompactSpace([63, 42], [84, 21], 16)
+    student_vec, teacher_vec = torch.randn(8, 42), torch.randn(8, 21)
+    for s, t in [(student_vec, teacher_vec), (student_vec.bfloat16(), teacher_vec.bfloat16())]:
+        plain = space(1, s, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = space(1, s, t)
+            assert nn.Linear(42, 16)(student_vec).dtype == torch.bfloat16  # autocast is on: a bare Linear rounds
+        for z_plain, z_autocast in zip(plain, autocast):
+            assert z_plain.dtype == z_autocast.dtype == torch.float32
+            assert torch.equal(z_autocast, z_plain)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = lfcc.info_nce(*space(1, s, t), 0.1)
+        assert loss.dtype == torch.float32 and torch.equal(loss, lfcc.info_nce(*plain, 0.1)[0])
+
 
 # ------------------------------------------------------------------------------------ short training
 
