@@ -589,6 +589,8 @@ def add_common_args(parser):
     g.add_argument("--eval-every", type=int, default=1, metavar="N",
                    help="evaluate on the test set every N epochs and after the last (default 1); best-epoch "
                         "accuracy is then the best of the evaluated epochs, listed in summary.json")
+    g.add_argument("--log-every", type=float, default=30, help="seconds between progress lines within an epoch")
+    g.add_argument("--checkpoint-dir", default="checkpoints", help="where teachers are looked for and saved")
     g = parser.add_argument_group("speed (defaults depend on the device; the first log line of a run shows them)")
     g.add_argument("--amp", choices=["bf16", "off"],
                    help="bf16 autocast of forward and loss (default: bf16 on CUDA, off on CPU)")
@@ -603,8 +605,6 @@ def add_common_args(parser):
                    help="reproducible CUDA runs: deterministic algorithms where torch has them (a warning "
                         "names the ops that have none), cuDNN benchmark and TF32 off. CPU runs are always "
                         "reproducible")
-    g.add_argument("--log-every", type=float, default=30, help="seconds between progress lines within an epoch")
-    g.add_argument("--checkpoint-dir", default="checkpoints", help="where teachers are looked for and saved")
 
 
 def add_distill_args(parser):
