@@ -314,6 +314,19 @@ def make_train_step(loss_fn, optimizer, params, recipe, fast, device):
     return step
 
 
+def prepare_training(model, train_modules, loss_fn, recipe, fast, device):
+    """What precedes the first step, in fit and in the throughput benchmark: model and train modules in the
+    fast paths' memory format, the optimizer over the trainable parameters of `train_modules` (each once),
+    and the train step. Returns (optimizer, step)."""
+    if fast.channels_last:
+        for module in [model] + train_modules:
+            module.to(memory_format=torch.channels_last)
+    params = [p for m in train_modules for p in m.parameters() if p.requires_grad]
+    params = list({id(p): p for p in params}.values())
+    optimizer = make_optimizer(recipe, params, fast.fused)
+    return optimizer, make_train_step(loss_fn, optimizer, params, recipe, fast, device)
+
+
 # --------------------------------------------------------------------------------------- checkpoints
 
 def save_atomic(obj, path):
@@ -380,6 +393,13 @@ def format_seconds(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
+def classification_loss(model, label_smoothing):
+    """fit's default loss_fn: cross-entropy of the model's logits, no logged terms."""
+    def loss_fn(x, y, progress):
+        return F.cross_entropy(model(x), y, label_smoothing=label_smoothing), {}
+    return loss_fn
+
+
 def default_eval(model):
     def evaluate(x, y):
         return {"test_acc": 100.0 * (model(x).argmax(1) == y).float().mean()}
@@ -404,18 +424,9 @@ def fit(args, data, model, out_dir, recipe, loss_fn=None, train_modules=None, ev
     device = data.train_x.device
     train_modules = train_modules or [model]
     eval_fn = eval_fn or default_eval(model)
-    if loss_fn is None:
-        def loss_fn(x, y, progress):
-            loss = F.cross_entropy(model(x), y, label_smoothing=recipe["label_smoothing"])
-            return loss, {}
+    loss_fn = loss_fn or classification_loss(model, recipe["label_smoothing"])
     fast = fast_paths(args, device)
-    if fast.channels_last:
-        for module in [model] + train_modules:
-            module.to(memory_format=torch.channels_last)
-    params = [p for m in train_modules for p in m.parameters() if p.requires_grad]
-    params = list({id(p): p for p in params}.values())
-    optimizer = make_optimizer(recipe, params, fast.fused)
-    train_step = make_train_step(loss_fn, optimizer, params, recipe, fast, device)
+    optimizer, train_step = prepare_training(model, train_modules, loss_fn, recipe, fast, device)
 
     checkpoint_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.jsonl"
     start_epoch, best_acc, best_epoch, history = 0, None, None, []

@@ -172,6 +172,30 @@ def set_trainable(student, modules):
             p.requires_grad_(True)
 
 
+def make_backbone_loss_fn(student, teacher, adapters, trained, feat_weight, teacher_input=False):
+    """Phase A's loss_fn(x, y, progress): feat_weight x the sum of the trained stages' feature MSEs, each
+    MSE also logged."""
+    names = metric_names(trained)
+
+    def loss_fn(x, y, progress):
+        distances = feature_distances(student, teacher, adapters, x, trained, teacher_input)
+        return feat_weight * sum(distances), {"train_" + n: d for n, d in zip(names, distances)}
+    return loss_fn
+
+
+def make_head_loss_fn(student, finetune_all, label_smoothing):
+    """Phase B's loss_fn(x, y, progress): the backbone (without gradients unless finetune_all), then the
+    head, cross-entropy on the labels."""
+    stages, head = student.stages(), student.head()
+
+    def loss_fn(x, y, progress):
+        with torch.set_grad_enabled(finetune_all):
+            for stage in stages:
+                x = stage(x)
+        return F.cross_entropy(head(x), y, label_smoothing=label_smoothing), {}
+    return loss_fn
+
+
 def train_backbone(args, data, student, teacher, trained, epochs, out_dir):
     """Phase A for the 0-based stages in `trained`: [k] for stage k alone, all of them with --joint.
     Returns fit's summary; the adapters are local to this call and are dropped with it."""
@@ -183,10 +207,7 @@ def train_backbone(args, data, student, teacher, trained, epochs, out_dir):
     set_trainable(student, train_modules)
 
     names = metric_names(trained)
-
-    def loss_fn(x, y, progress):
-        distances = feature_distances(student, teacher, adapters, x, trained, args.teacher_input)
-        return args.feat_weight * sum(distances), {"train_" + n: d for n, d in zip(names, distances)}
+    loss_fn = make_backbone_loss_fn(student, teacher, adapters, trained, args.feat_weight, args.teacher_input)
 
     def eval_fn(x, y):  # the unweighted test feature MSE, student (adapted) vs teacher
         return dict(zip(names, feature_distances(student, teacher, adapters, x, trained, args.teacher_input)))
@@ -210,17 +231,10 @@ def reset_head(student):
 def train_head(args, data, student, epochs, out_dir):
     """Phase B: the frozen backbone's features, a re-initialised head, cross-entropy on labels only."""
     reset_head(student)
-    stages, head = student.stages(), student.head()
-    train_modules = [student] if args.finetune_all else [head]
+    train_modules = [student] if args.finetune_all else [student.head()]
     set_trainable(student, train_modules)
     recipe = common.make_recipe(args, model_family(student.arch), epochs=epochs, model_name=student.arch)
-
-    def loss_fn(x, y, progress):
-        with torch.set_grad_enabled(args.finetune_all):
-            for stage in stages:
-                x = stage(x)
-        loss = F.cross_entropy(head(x), y, label_smoothing=recipe["label_smoothing"])
-        return loss, {}
+    loss_fn = make_head_loss_fn(student, args.finetune_all, recipe["label_smoothing"])
 
     common.log(f"SSKD phase B: {'the whole student' if args.finetune_all else 'the head'} of "
                f"{student.arch}, re-initialised head, cross-entropy on labels only")

@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import blockwise_kd  # noqa: E402
@@ -87,10 +86,7 @@ def build_method(method, teacher_name, student_name, num_classes, device, channe
     if method == "teacher":
         model = create_model(teacher_name, num_classes).to(device)
         recipe = common.make_recipe(method_args(None, []), model_family(teacher_name), model_name=teacher_name)
-
-        def loss_fn(x, y, progress):
-            return F.cross_entropy(model(x), y, label_smoothing=recipe["label_smoothing"]), {}
-        return model, [model], loss_fn, recipe
+        return model, [model], common.classification_loss(model, recipe["label_smoothing"]), recipe
 
     teacher = frozen_teacher(teacher_name, num_classes, device, channels_last)
     student = create_model(student_name, num_classes).to(device)
@@ -109,21 +105,12 @@ def build_method(method, teacher_name, student_name, num_classes, device, channe
         adapters = {last: sskd.make_adapter(feature_shapes(student)[last], feature_shapes(teacher)[last]).to(device)}
         train_modules = [student.stages()[last], adapters[last]]
         sskd.set_trainable(student, train_modules)
-
-        def loss_fn(x, y, progress):  # as in sskd.train_backbone
-            distances = sskd.feature_distances(student, teacher, adapters, x, [last])
-            return args.feat_weight * sum(distances), {}
+        loss_fn = sskd.make_backbone_loss_fn(student, teacher, adapters, [last], args.feat_weight)
         return student, train_modules, loss_fn, recipe
     if method == "sskd_head":
-        stages, head = student.stages(), student.head()
+        head = student.head()
         sskd.set_trainable(student, [head])
-
-        def loss_fn(x, y, progress):  # as in sskd.train_head
-            with torch.no_grad():
-                for stage in stages:
-                    x = stage(x)
-            return F.cross_entropy(head(x), y, label_smoothing=recipe["label_smoothing"]), {}
-        return student, [head], loss_fn, recipe
+        return student, [head], sskd.make_head_loss_fn(student, False, recipe["label_smoothing"]), recipe
     if method == "lfcc":
         args = method_args(lfcc, [])
         low_pass = lfcc.make_filter(args)
@@ -169,15 +156,10 @@ def measure(method, variant, args, device, images, labels):
                            torch.zeros(0, 3, 32, 32, dtype=torch.uint8), torch.zeros(0, dtype=torch.long),
                            100, mean, std, "random").to(device)
         batches = common.train_batches(data, batch_size, seed=0, epoch=0, channels_last=fast.channels_last)
-    if fast.channels_last:
-        for module in [model] + train_modules:  # as fit does
-            module.to(memory_format=torch.channels_last)
+    _, step = common.prepare_training(model, train_modules, loss_fn, recipe, fast, device)
     model.eval()
     for module in train_modules:
         module.train()
-    params = list({id(p): p for m in train_modules for p in m.parameters() if p.requires_grad}.values())
-    optimizer = common.make_optimizer(recipe, params, fast.fused)
-    step = common.make_train_step(loss_fn, optimizer, params, recipe, fast, device)
 
     def sync():
         if device.type == "cuda":
