@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import SHARED
-from models import FEATURE_POINTS, MODEL_NAMES, classifier, create_model, feature_shapes, resize_map, stage_features, to_map, to_tokens
+from models import (FEATURE_POINTS, MODEL_NAMES, classifier, create_model, feature_shapes, resize_map, stage_features,
+                    state_dict_classes, to_map, to_tokens)
 
 ZOO = SHARED / "reference" / "cifar_model_zoo.json"
 ZOO_NAMES = [n for n in MODEL_NAMES if n not in ("vit", "mlp_mixer")]
@@ -27,6 +28,7 @@ def test_state_dict_matches_zoo_and_loads_strictly(name):
     fake = {k: torch.randn(s) if s else torch.tensor(7) for k, s in zoo["state_dict"]}
     model.load_state_dict(fake, strict=True)
     assert torch.equal(classifier(model).weight, fake[zoo["state_dict"][-2][0]])
+    assert state_dict_classes(fake) == 100
     assert feature_shapes(model) == [tuple(zoo["is_feat_shapes"][i]) for i in FEATURE_POINTS.get(name, (1, 2, 3))]
 
 
