@@ -99,6 +99,13 @@ def test_schedules():
     assert common.make_recipe(make_args("--lr", 0.1, "--milestones", 5, 7), "cnn")["milestones"] == [5, 7]
 
 
+def test_short_run_milestones_are_distinct_so_no_epoch_decays_twice():
+    assert common.make_recipe(make_args(), "cnn", epochs=20)["milestones"] == [12, 15, 18]
+    five = common.make_recipe(make_args(), "cnn", epochs=5)
+    assert five["milestones"] == [3, 4]  # 3.125, 3.75, 4.375 round to 3, 4, 4
+    assert [common.learning_rate(five, e + 0.5) for e in range(5)] == pytest.approx([0.05, 0.05, 0.05, 5e-3, 5e-4])
+
+
 def test_benchmark_lr_for_mobilenet_and_shufflenets_and_the_flag_overrides_it():
     for name in ("MobileNetV2", "ShuffleV1", "ShuffleV2"):
         assert common.make_recipe(make_args(), "cnn", model_name=name)["lr"] == 0.01
