@@ -28,7 +28,10 @@ In the code v_s, v_t are `student_vec`, `teacher_vec`; z_s, z_t are `z_student`,
 `student_logits`, `teacher_logits`; alpha, beta, T, tau are `args.alpha`, `args.beta`, `args.kd_temperature`,
 `args.tau`. Averaging a window keeps exactly its lowest-frequency (DC) component, so the s x s grid is the
 map's low-frequency part at scale s, and a 32x32 CNN map and an 8x8 token grid land on the same grids with
-no interpolation. Both projectors train; only the teacher backbone is frozen. At initialisation L_k is about
+no interpolation. The pyramid alone is a reparametrisation of its finest grid: the 1x1 and 2x2 levels are
+averages of the 4x4 one, so a Linear projector sees the same function class with S = {1, 2, 4} as with
+S = {4}; what the filter does is discard everything finer than the 4x4 grid. The `--no-lowpass` ablation
+therefore keeps it: v = flatten(F) at full resolution (C*H*W values, a larger projector). Both projectors train; only the teacher backbone is frozen. At initialisation L_k is about
 ln B, on the scale of the cross-entropy. Logged per epoch: every stage's loss `lfcc_s<k>` and positive-pair
 rank accuracy `rank_acc_s<k>` (% of samples whose nearest teacher embedding is their own; chance 100/B) on
 training batches, and the same on the test set (`test_lfcc_s<k>`, `test_rank_acc_s<k>`, batches of 500).
@@ -59,13 +62,16 @@ def multiscale_low_pass(feature_map, scales):
     return torch.cat([F.adaptive_avg_pool2d(feature_map, s).flatten(1) for s in scales], dim=1)
 
 
-def resized_flat(feature_map, scales):
-    """The --no-lowpass ablation: no pyramid, the map resized to the largest grid and flattened."""
-    return models.resize_map(feature_map, max(scales)).flatten(1)
+def full_resolution(feature_map, scales=None):
+    """The --no-lowpass ablation: no filter, the map flattened at its own resolution, (B, C * H * W), so every
+    frequency reaches the projector. (Flattening the largest pooled grid instead would not be an ablation:
+    the 1x1 and 2x2 levels are averages of the 4x4 one, so the pyramid and its finest grid give a Linear
+    projector the same function class; only what lies above the 4x4 grid tells them apart.)"""
+    return feature_map.flatten(1)
 
 
 def make_filter(args):
-    return partial(resized_flat if args.no_lowpass else multiscale_low_pass, scales=args.scales)
+    return partial(full_resolution if args.no_lowpass else multiscale_low_pass, scales=args.scales)
 
 
 # ---------------------------------------------------------------------------------- the compact space
@@ -181,8 +187,9 @@ def distill(args, data, teacher, student, recipe):
     low_pass = make_filter(args)
     space = CompactSpace(filtered_sizes(student, args.stages, low_pass),
                          filtered_sizes(teacher, args.stages, low_pass), args.proj_dim).to(device)
-    common.log(f"lfcc: stages {args.stages}, {'resized flat' if args.no_lowpass else 'low-pass scales'} "
-               f"{args.scales}, {args.loss} in {args.proj_dim} dims, tau {args.tau}, alpha {args.alpha}, "
+    common.log(f"lfcc: stages {args.stages}, "
+               f"{'no low-pass (full resolution)' if args.no_lowpass else f'low-pass scales {args.scales}'}, "
+               f"{args.loss} in {args.proj_dim} dims, tau {args.tau}, alpha {args.alpha}, "
                f"beta {args.beta}, T {args.kd_temperature}; projectors {common.count_params(space):,} params")
     summary = common.fit(args, data, student, args.out_dir, recipe,
                          loss_fn=make_loss_fn(args, recipe, student, teacher, space, low_pass),
@@ -191,7 +198,7 @@ def distill(args, data, teacher, student, recipe):
                          title=f"lfcc {teacher.arch} -> {student.arch}")
     summary["method"] = "lfcc"
     summary["lfcc"] = {"teacher": teacher.arch, "student": student.arch, "stages": args.stages,
-                       "filter": "resized_flat" if args.no_lowpass else "multiscale_low_pass",
+                       "filter": "full_resolution" if args.no_lowpass else "multiscale_low_pass",
                        "scales": args.scales, "loss": args.loss, "proj_dim": args.proj_dim, "tau": args.tau,
                        "alpha": args.alpha, "beta": args.beta, "kd_temperature": args.kd_temperature,
                        "projector_params": common.count_params(space)}
@@ -210,7 +217,8 @@ def add_args(parser):
                    help="grid sizes s of the multi-scale low-pass filter: every map is average-pooled to s x s "
                         "(default 1 2 4: C*21 values per stage)")
     g.add_argument("--no-lowpass", action="store_true",
-                   help="ablation: no pyramid, flatten the map resized to the largest grid of --scales")
+                   help="ablation: no low-pass filter; each stage output is flattened at its full resolution "
+                        "(C*H*W values, every frequency) and projected by a Linear like the filtered vector")
     g.add_argument("--proj-dim", type=int, default=128, help="dimension d of the compact space (default 128)")
     g.add_argument("--tau", type=float, default=0.1, help="InfoNCE temperature (default 0.1)")
     g.add_argument("--loss", choices=["infonce", "mse"], default="infonce",

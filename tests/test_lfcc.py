@@ -63,9 +63,16 @@ def test_maps_of_different_sizes_land_on_the_same_grids():
     coarse = nn.functional.avg_pool2d(cnn_map, 4)
     assert torch.allclose(lfcc.multiscale_low_pass(cnn_map, [1, 2, 4]),
                           lfcc.multiscale_low_pass(coarse, [1, 2, 4]), atol=1e-5)
-    # The --no-lowpass ablation flattens the map at the largest grid only.
-    assert lfcc.resized_flat(cnn_map, [1, 2, 4]).shape == (2, 64 * 16)
-    assert lfcc.resized_flat(token_map, [1, 2, 4]).shape == (2, 128 * 16)
+
+
+def test_the_no_lowpass_ablation_keeps_what_the_filter_removes():
+    # A checkerboard is pure high frequency: every window of the pyramid averages it to zero.
+    checkerboard = (torch.arange(8).view(8, 1) + torch.arange(8).view(1, 8)) % 2 * 2.0 - 1
+    feature_map = checkerboard.expand(2, 3, 8, 8)
+    assert torch.equal(lfcc.multiscale_low_pass(feature_map, [1, 2, 4]), torch.zeros(2, 3 * 21))
+    # The ablation hands the projector the whole map, at its own resolution.
+    assert torch.equal(lfcc.full_resolution(feature_map), feature_map.flatten(1))
+    assert lfcc.full_resolution(torch.randn(2, 64, 32, 32)).shape == (2, 64 * 32 * 32)
 
 
 def test_token_features_become_maps_and_back_without_loss():
@@ -185,7 +192,7 @@ def test_every_family_pair_runs(synthetic_data, teacher_name, student_name):
     assert terms["lfcc"].item() == pytest.approx(math.log(16), abs=1.5)  # near ln B at initialisation
 
 
-@pytest.mark.parametrize("flags, size", [(["--no-lowpass"], 64 * 16), (["--loss", "mse"], 64 * 21),
+@pytest.mark.parametrize("flags, size", [(["--no-lowpass"], 64 * 64), (["--loss", "mse"], 64 * 21),
                                           (["--scales", 1, 2, "--tau", 0.2], 64 * 5)])
 def test_ablations_run(synthetic_data, flags, size):
     teacher, student = models.create_model("resnet8", 10), tiny_token_model("mlp_mixer")
