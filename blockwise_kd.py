@@ -298,7 +298,7 @@ def main(argv=None):
     common.add_distill_args(parser)
     add_args(parser)
     args = parser.parse_args(argv)
-    device, data = common.setup(args, f"blockwise_kd_{args.teacher}_{args.student}")
+    device, data = common.setup(args, f"blockwise_kd_{args.teacher}_{args.student}", parser)
     teacher = common.load_teacher(args, data)
     torch.manual_seed(args.seed)
     student = common.build_model(args.student, data.num_classes, device)

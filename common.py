@@ -20,9 +20,11 @@ convolutions, and cuDNN picks its algorithms by benchmark (`--deterministic` swi
 reproducible choices).
 """
 import argparse
+import hashlib
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -53,6 +55,7 @@ class Data:
     def __init__(self, train_x, train_y, test_x, test_y, num_classes, mean, std, name):
         self.train_x, self.train_y, self.test_x, self.test_y = train_x, train_y, test_x, test_y
         self.num_classes, self.name = num_classes, name
+        self.fingerprint = fingerprint(train_x, train_y, test_x, test_y)
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
         self.std = torch.tensor(std).view(1, 3, 1, 1)
 
@@ -63,6 +66,16 @@ class Data:
 
     def normalize(self, x_uint8):
         return (x_uint8.float().div_(255) - self.mean) / self.std
+
+
+def fingerprint(*tensors):
+    """16 hex digits of SHA-1 over the tensors' bytes: what a run and a teacher were trained on, by content
+    (not by path: two folders of the same name hold different images). About 0.3 s for CIFAR-100."""
+    digest = hashlib.sha1()
+    for tensor in tensors:
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def load_cifar(name, data_dir):
@@ -164,9 +177,13 @@ def load_data(args, device):
     return Data(train_x, train_y, test_x, test_y, num_classes, mean, std, args.dataset).to(device)
 
 
-def dataset_tag(args):
-    """Names what a teacher was trained on, for its place under checkpoints/."""
-    tag = args.dataset if args.dataset != "folder" else "folder-" + Path(args.data_dir).expanduser().resolve().name
+def dataset_tag(args, data):
+    """Names the data of a run, in default run folders and teachers' places under checkpoints/: the dataset
+    (cifar100, cifar10 and synthetic are fixed), for a folder its name and the first 8 digits of the content
+    fingerprint (two folders called images/ are told apart), and the subset."""
+    tag = args.dataset
+    if args.dataset == "folder":
+        tag = f"folder-{Path(args.data_dir).expanduser().resolve().name}-{data.fingerprint[:8]}"
     return tag + (f"-subset{args.train_subset}" if args.train_subset else "")
 
 
@@ -373,10 +390,149 @@ def load_weights(model, path):
     return checkpoint
 
 
-def model_file(model, epoch, accuracy):
-    """The benchmark's checkpoint format, plus the architecture name and class count for safer loading."""
-    return {"model": model.state_dict(), "epoch": epoch, "accuracy": accuracy, "arch": model.arch,
+def model_file(model, epoch, accuracy, data=None):
+    """The benchmark's checkpoint format, plus the architecture name, class count and (when given) the data's
+    fingerprint, for safer loading."""
+    file = {"model": model.state_dict(), "epoch": epoch, "accuracy": accuracy, "arch": model.arch,
             "num_classes": classifier(model).out_features}
+    if data is not None:
+        file["data"] = data.fingerprint
+    return file
+
+
+def load_checkpoint(path, device="cpu"):
+    """A resumable checkpoint.pt, loaded safely (weights_only), or one line saying the file is unreadable."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # torch's own message would suggest weights_only=False: never show it
+        raise SystemExit(f"error: {path} is unreadable ({type(error).__name__}: truncated, corrupt or not a "
+                         f"checkpoint of this code); nothing was changed. Delete it to restart that run from "
+                         f"scratch, or choose another --out-dir") from None
+
+
+# ---------------------------------------------------------------------------------------- run folders
+# A run folder belongs to one run: a fresh run never starts where another one is, a resume continues only
+# the run it was started as (same training flags, same data), and two processes never write to one folder.
+
+# Flags that do not change what a run learns. They may differ when a run is resumed (a moved data folder,
+# another device) and are left out of default run-folder names. --amp and the other speed flags change
+# float rounding only.
+RUN_ONLY_FLAGS = {"out_dir", "resume", "overwrite", "data_dir", "checkpoint_dir", "log_every", "eval_every",
+                  "device", "amp", "channels_last", "compile", "deterministic", "teacher_ckpt", "save_as_teacher"}
+NAMED_FLAGS = {"model", "teacher", "student", "dataset", "train_subset", "seed"}  # already in the folder name
+RUN_FILE = "run.json"
+_locked_dirs = {}  # resolved path -> open lock file, held until the process exits
+
+
+def training_config(args, data):
+    """The flags that define what a run learns, and its data's fingerprint, as JSON values."""
+    config = {k: v for k, v in vars(args).items() if k not in RUN_ONLY_FLAGS}
+    config["data"] = data.fingerprint
+    return json.loads(json.dumps(config, default=str))
+
+
+def flag_value(value):
+    return "-".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def default_out_dir(args, parser, run_name, data):
+    """runs/<name>_<data>_seed<S>, then every training flag that differs from its default, e.g.
+    runs/blockwise_kd_resnet32x4_resnet8x4_cifar100_seed0_alpha0.1_beta0.9_gamma0.0_stones-none, so that two
+    commands that train differently never share a folder (a hash replaces a list longer than 80 characters)."""
+    changed = []
+    for key, value in sorted(vars(args).items()):
+        if key in RUN_ONLY_FLAGS | NAMED_FLAGS or value == parser.get_default(key):
+            continue
+        if isinstance(value, bool):
+            changed.append(key.replace("_", "-") if value else "no-" + key.replace("_", "-"))
+        else:
+            changed.append(f"{key.replace('_', '-')}{'-' if isinstance(value, str) else ''}{flag_value(value)}")
+    suffix = "_".join(changed)
+    if len(suffix) > 80:
+        suffix = "flags-" + hashlib.sha1(suffix.encode()).hexdigest()[:10]
+    name = f"{run_name}_{dataset_tag(args, data)}_seed{args.seed}" + (f"_{suffix}" if suffix else "")
+    return str(Path("runs") / name)
+
+
+def lock_dir(path, what):
+    """Hold an OS lock on path/.lock until this process exits (released on any exit, kill -9 included);
+    one line and exit 1 if another process holds it. Folders inside one this process holds are not locked again."""
+    path = Path(path).resolve()
+    if any(locked == path or locked in path.parents for locked in _locked_dirs):
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here
+        return
+    handle = open(path / ".lock", "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise SystemExit(f"error: another process is using {what} {path} (it holds {path / '.lock'}); wait "
+                         f"for it to finish, or choose another folder") from None
+    _locked_dirs[path] = handle
+
+
+def ensure_writable(path, what):
+    """Create `path` and write a file in it, or one line naming the folder."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise SystemExit(f"error: cannot write to {what} {path} ({type(error).__name__}: "
+                         f"{error.strerror or error}); nothing was run") from None
+
+
+def config_differences(saved, current):
+    """'--epochs 3 (the run has 2)' for every training flag whose value differs."""
+    differences = []
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            name = "the data (content fingerprint)" if key == "data" else "--" + key.replace("_", "-")
+            differences.append(f"{name} {flag_value(current.get(key))} (the run has {flag_value(saved.get(key))})")
+    return differences
+
+
+def claim_out_dir(args, data):
+    """Before anything is trained: the run folder is writable and locked; a fresh run does not start over an
+    existing one (unless --overwrite); --resume continues only a run of the same training flags and data."""
+    out_dir = Path(args.out_dir)
+    ensure_writable(out_dir, "--out-dir")
+    lock_dir(out_dir, "--out-dir")
+    config = training_config(args, data)
+    run_file = out_dir / RUN_FILE
+    saved = json.loads(run_file.read_text()) if run_file.exists() else None
+    results = sorted(p.name for p in out_dir.iterdir() if p.name not in (RUN_FILE, ".lock"))
+    if not args.resume and results and not args.overwrite:
+        raise SystemExit(f"error: {out_dir} already holds a run ({', '.join(results[:4])}); add --resume to "
+                         f"continue it, or choose another --out-dir (--overwrite replaces it)")
+    if args.resume and saved is not None:
+        differences = config_differences(saved["config"], config)
+        if differences:
+            raise SystemExit(f"error: cannot resume {out_dir} with other training flags: {'; '.join(differences)}. "
+                             f"Resume with the run's flags, or choose another --out-dir (nothing was changed)")
+    elif args.resume and results:
+        log(f"warning: {out_dir} has no {RUN_FILE} (a run from before flags were recorded): its flags cannot be "
+            f"checked against these")
+    if args.resume and (out_dir / "checkpoint.pt").exists():
+        load_checkpoint(out_dir / "checkpoint.pt")  # unreadable: one line now, not after a teacher is trained
+    if saved is None or not args.resume:
+        save_json({"config": config, "command": command_line()}, run_file)
+
+
+def command_line(extra=()):
+    """The command that started this process, shell-quoted, with `extra` arguments appended."""
+    return " ".join(shlex.quote(a) for a in ["python", *sys.argv, *extra])
+
+
+def save_json(obj, path):
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------- the loop
@@ -421,7 +577,8 @@ def fit(args, data, model, out_dir, recipe, loss_fn=None, train_modules=None, ev
         is tracked for best/last accuracy when present. Default: the model's accuracy.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_writable(out_dir, "the run folder")
+    lock_dir(out_dir, "the run folder")  # a teacher run under checkpoints/; a script's --out-dir is locked already
     device = data.train_x.device
     train_modules = train_modules or [model]
     eval_fn = eval_fn or default_eval(model)
@@ -430,9 +587,15 @@ def fit(args, data, model, out_dir, recipe, loss_fn=None, train_modules=None, ev
     optimizer, train_step = prepare_training(model, train_modules, loss_fn, recipe, fast, device)
 
     checkpoint_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.jsonl"
+    # What this loop trains: a checkpoint of anything else (another length, model, seed or data) is not resumed.
+    identity = json.loads(json.dumps({"model": model.arch, "seed": args.seed, "data": data.fingerprint, **recipe}))
     start_epoch, best_acc, best_epoch, history = 0, None, None, []
     if args.resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        state = load_checkpoint(checkpoint_path, device)
+        differences = config_differences(state.get("identity", identity), identity)
+        if differences:
+            raise SystemExit(f"error: {checkpoint_path} is from another training run ({'; '.join(differences)}); "
+                             f"nothing was changed. Delete its folder to train afresh, or choose another folder")
         model.load_state_dict(state["model"])
         for module, module_state in zip(train_modules, state["train_modules"]):
             module.load_state_dict(module_state)
@@ -487,7 +650,8 @@ def fit(args, data, model, out_dir, recipe, loss_fn=None, train_modules=None, ev
             f.write(json.dumps(row) + "\n")
         save_atomic({"model": model.state_dict(), "train_modules": [m.state_dict() for m in train_modules],
                      "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "best_acc": best_acc,
-                     "best_epoch": best_epoch, "history": history}, checkpoint_path)
+                     "best_epoch": best_epoch, "history": history, "identity": identity}, checkpoint_path)
+        last_checkpoint.update(path=checkpoint_path, epoch=epoch + 1, epochs=recipe["epochs"])
         eta = (recipe["epochs"] - epoch - 1) * trained_seconds / len(history)
         shown = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "lr", "images_per_sec", "seconds"))
         log(f"epoch {epoch + 1}/{recipe['epochs']} {shown} lr {lr:.4g} {row['images_per_sec']:.0f} img/s "
@@ -495,16 +659,20 @@ def fit(args, data, model, out_dir, recipe, loss_fn=None, train_modules=None, ev
 
     last = history[-1] if history else {}
     if "test_acc" in last:
-        save_atomic(model_file(model, recipe["epochs"], last["test_acc"]), out_dir / "model.pth")
+        save_atomic(model_file(model, recipe["epochs"], last["test_acc"], data), out_dir / "model.pth")
     summary = {"last_acc": last.get("test_acc"), "best_acc": best_acc, "best_epoch": best_epoch,
                "epochs": recipe["epochs"], "params": count_params(model), "seconds": trained_seconds,
                "evaluated_epochs": [h["epoch"] for h in history if "test_acc" in h],
-               "last_epoch": last, "recipe": recipe, "fast_paths": vars(fast), "config": vars(args)}
+               "last_epoch": last, "recipe": recipe, "fast_paths": vars(fast), "config": vars(args),
+               "data": data.fingerprint}
     with open(out_dir / "summary.json", "w") as f:
         json.dump(summary, f, indent=1, default=str)
     log(f"done in {format_seconds(time.time() - run_start)}: last acc {summary['last_acc']}, best {best_acc} "
         f"(epoch {best_epoch}) -> {out_dir}")
     return summary
+
+
+last_checkpoint = {}  # path, epoch, epochs of the newest checkpoint this process wrote (for the Ctrl-C line)
 
 
 def check_finite(loss_sum, epoch, checkpoint_path):
@@ -530,9 +698,14 @@ def evaluate(data, eval_fn, model, train_modules, fast):
 
 # ------------------------------------------------------------------------------------------ teacher
 
-def teacher_candidates(args):
+def teacher_path(args, data, name):
+    """Where a teacher of this data is cached: checkpoints/<data>/<name>.pth (see dataset_tag)."""
+    return Path(args.checkpoint_dir) / dataset_tag(args, data) / f"{name}.pth"
+
+
+def teacher_candidates(args, data):
     root = Path(args.checkpoint_dir)
-    paths = [root / dataset_tag(args) / f"{args.teacher}.pth"]
+    paths = [teacher_path(args, data, args.teacher)]
     if args.dataset == "cifar100" and not args.train_subset:  # the public benchmark layout
         paths += [root / f"{args.teacher}_vanilla" / "ckpt_epoch_240.pth",
                   root / "cifar_teachers" / f"{args.teacher}_vanilla" / "ckpt_epoch_240.pth"]
@@ -543,21 +716,30 @@ def load_teacher(args, data):
     """The frozen teacher in eval mode: from --teacher-ckpt, else from checkpoints/, else trained first."""
     device = data.train_x.device
     teacher = build_model(args.teacher, data.num_classes, device)
-    path = args.teacher_ckpt or next((p for p in teacher_candidates(args) if p.exists()), None)
+    candidates = teacher_candidates(args, data)
+    path = args.teacher_ckpt or next((p for p in candidates if p.exists()), None)
     if path is None:
-        target = teacher_candidates(args)[0]
-        log(f"no {args.teacher} teacher checkpoint for {dataset_tag(args)} (looked for "
-            f"{', '.join(map(str, teacher_candidates(args)))}); training it first with the standard "
+        target = candidates[0]
+        log(f"no {args.teacher} teacher checkpoint for {dataset_tag(args, data)} (looked for "
+            f"{', '.join(map(str, candidates))}); training it first with the standard "
             f"{model_family(args.teacher)} recipe for {args.teacher_epochs} epochs -> {target}")
         recipe = make_recipe(args, model_family(args.teacher), epochs=args.teacher_epochs, use_overrides=False,
                              model_name=args.teacher)
         torch.manual_seed(args.seed)
-        teacher_args = argparse.Namespace(**{**vars(args), "resume": True})  # a killed teacher run continues
-        fit(teacher_args, data, teacher, target.parent / f"{args.teacher}_run", recipe,
-            title=f"teacher {args.teacher}")
-        os.replace(target.parent / f"{args.teacher}_run" / "model.pth", target)
+        # A killed teacher run continues; one of another length or seed has its own folder.
+        teacher_args = argparse.Namespace(**{**vars(args), "resume": True})
+        run_dir = target.parent / f"{args.teacher}_run_{args.teacher_epochs}ep_seed{args.seed}"
+        fit(teacher_args, data, teacher, run_dir, recipe, title=f"teacher {args.teacher}")
+        os.replace(run_dir / "model.pth", target)
         path = target
     checkpoint = load_weights(teacher, path)
+    trained_on = checkpoint.get("data")
+    if trained_on and trained_on != data.fingerprint:
+        if path == candidates[0]:  # our cache must hold this data's teacher
+            raise SystemExit(f"error: {path} was trained on other data (fingerprint {trained_on}, this run's "
+                             f"data {data.fingerprint}); move it away, or pass the teacher with --teacher-ckpt")
+        log(f"warning: teacher {path} was trained on other data than this run's (fingerprint {trained_on}, "
+            f"this data {data.fingerprint}; a subset of its data, for example)")
     log(f"teacher {args.teacher} from {path} (epoch {checkpoint.get('epoch')}, accuracy {checkpoint.get('accuracy')})")
     if fast_paths(args, device).channels_last:
         teacher.to(memory_format=torch.channels_last)
@@ -597,7 +779,11 @@ def add_common_args(parser):
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation and augmentation (default 0)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     g.add_argument("--out-dir", help="where metrics.jsonl, summary.json and checkpoints go (default under runs/)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last epoch")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out-dir from its last complete epoch (refused if a training flag "
+                        "differs from the run's; starts afresh if the folder holds no run)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out-dir that holds a run (without it, that is refused)")
     g.add_argument("--eval-every", type=int, default=1, metavar="N",
                    help="evaluate on the test set every N epochs and after the last (default 1); best-epoch "
                         "accuracy is then the best of the evaluated epochs, listed in summary.json")
@@ -632,8 +818,9 @@ def add_distill_args(parser):
                    help="epochs when a missing teacher is trained first (default 240, the standard recipe)")
 
 
-def setup(args, run_name):
-    """Seed, device, data and output directory, the same for every script."""
+def setup(args, run_name, parser):
+    """Seed, device, data and the run folder, the same for every script: every check that can fail happens
+    here, before anything is trained (see claim_out_dir)."""
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but no CUDA device is visible; use --device cpu")
     device = torch.device(args.device)
@@ -647,20 +834,33 @@ def setup(args, run_name):
         torch.backends.cudnn.deterministic = args.deterministic
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.deterministic
     data = load_data(args, device)
-    args.out_dir = args.out_dir or str(Path("runs") / f"{run_name}_{dataset_tag(args)}_seed{args.seed}")
+    args.out_dir = args.out_dir or default_out_dir(args, parser, run_name, data)
+    claim_out_dir(args, data)
+    if getattr(args, "teacher", None) and not args.teacher_ckpt and \
+            not any(p.exists() for p in teacher_candidates(args, data)):  # a teacher will be trained and saved
+        ensure_writable(teacher_path(args, data, args.teacher).parent, "--checkpoint-dir")
     log(f"data: {data.name}, {len(data.train_y)} train / {len(data.test_y)} test images, {data.num_classes} "
-        f"classes; output: {args.out_dir}")
+        f"classes, fingerprint {data.fingerprint}; output: {args.out_dir}")
     torch.manual_seed(args.seed)
     return device, data
 
 
 def run_main(main):
-    """Turn a NaN stop into one clear line and exit code 1 instead of a traceback."""
+    """A NaN stop or Ctrl-C ends in one clear line (exit code 1 or 130) instead of a traceback."""
     try:
         main()
     except FloatingPointError as error:
         log(f"error: {error}")
         sys.exit(1)
+    except KeyboardInterrupt:
+        resume = command_line([] if "--resume" in sys.argv else ["--resume"])
+        if last_checkpoint:
+            where = (f"the last complete checkpoint is {last_checkpoint['path']} (epoch {last_checkpoint['epoch']}"
+                     f"/{last_checkpoint['epochs']})")
+        else:
+            where = "no epoch had ended, so nothing was saved"
+        log(f"interrupted: {where}; to resume: {resume}")
+        sys.exit(130)
 
 
 def main():
@@ -669,10 +869,21 @@ def main():
     parser.add_argument("--model", required=True, choices=MODEL_NAMES, metavar="NAME",
                         help="architecture: " + ", ".join(MODEL_NAMES))
     add_common_args(parser)
+    parser.add_argument("--save-as-teacher", action="store_true",
+                        help="when done, also save the model where the method scripts look for a teacher of "
+                             "this data: checkpoints/<data>/<model>.pth (see --checkpoint-dir)")
     args = parser.parse_args()
-    device, data = setup(args, args.model)
+    device, data = setup(args, args.model, parser)
+    teacher_file = teacher_path(args, data, args.model)
+    if args.save_as_teacher:
+        if teacher_file.exists() and not args.overwrite:
+            raise SystemExit(f"error: {teacher_file} exists; move it away first, or add --overwrite to replace it")
+        ensure_writable(teacher_file.parent, "--checkpoint-dir")
     model = build_model(args.model, data.num_classes, device)
     fit(args, data, model, args.out_dir, make_recipe(args, model_family(args.model), model_name=args.model))
+    if args.save_as_teacher:
+        save_atomic(torch.load(Path(args.out_dir) / "model.pth", weights_only=True), teacher_file)
+        log(f"saved as the {args.model} teacher of this data: {teacher_file}")
 
 
 if __name__ == "__main__":

@@ -240,7 +240,7 @@ def main():
     if min(args.scales) < 1 or args.tau <= 0 or args.proj_dim < 1:
         parser.error("--scales must be positive integers, --tau and --proj-dim positive")
     args.stages = sorted(set(args.stages))
-    device, data = common.setup(args, f"lfcc_{args.teacher}_{args.student}")
+    device, data = common.setup(args, f"lfcc_{args.teacher}_{args.student}", parser)
     teacher = common.load_teacher(args, data)
     torch.manual_seed(args.seed)
     student = common.build_model(args.student, data.num_classes, device)

@@ -261,10 +261,14 @@ def run_sskd(args, data, student, teacher):
     if args.teacher_input:
         check_teacher_input(student, teacher)
     summaries, stage_mse = {}, {}
-    for index, (name, trained, epochs) in enumerate(phase_plan(args, len(student.stages()))):
+    plan = phase_plan(args, len(student.stages()))
+    common.log(f"SSKD: {len(plan)} phases, each its own run in a sub-folder of {out_dir}: "
+               f"{', '.join(f'{name}/ {epochs} epochs' for name, _, epochs in plan)}; "
+               f"{sum(epochs for _, _, epochs in plan)} epochs in all")
+    for index, (name, trained, epochs) in enumerate(plan):
         phase_dir = out_dir / name
         if args.resume and (phase_dir / "summary.json").exists():
-            state = torch.load(phase_dir / "checkpoint.pt", map_location=data.train_x.device, weights_only=True)
+            state = common.load_checkpoint(phase_dir / "checkpoint.pt", data.train_x.device)
             student.load_state_dict(state["model"])
             summaries[name] = json.loads((phase_dir / "summary.json").read_text())
             common.log(f"SSKD {name}: finished earlier, student loaded from {phase_dir / 'checkpoint.pt'}")
@@ -309,7 +313,7 @@ def main():
     args = parser.parse_args()
     if args.teacher_input:  # fail before a missing teacher would be trained
         check_teacher_input(create_model(args.student, 10), create_model(args.teacher, 10))
-    device, data = common.setup(args, f"sskd_{args.teacher}_{args.student}")
+    device, data = common.setup(args, f"sskd_{args.teacher}_{args.student}", parser)
     teacher = common.load_teacher(args, data)
     torch.manual_seed(args.seed)
     student = common.build_model(args.student, data.num_classes, device)

@@ -1,0 +1,202 @@
+"""Runs never lose or mix results: run folders, resume, locks, teacher cache, unreadable files, Ctrl-C.
+
+Each test runs the scripts' own `main()` in-process on tiny synthetic data (1-2 epochs of 100 images), as a
+user would from the command line, and checks the one-line refusal and that nothing on disk changed."""
+import argparse
+import fcntl
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import blockwise_kd as bkd
+import common
+
+TINY = ["--dataset", "synthetic", "--train-subset", "100", "--batch-size", "50"]
+
+
+def run(monkeypatch, main, *argv):
+    """Run a script's main() as `python script.py argv...` would, through run_main (Ctrl-C and NaN lines)."""
+    monkeypatch.setattr(sys, "argv", ["script.py", *map(str, argv)])
+    common.run_main(main)
+
+
+def refused(monkeypatch, capsys, main, *argv):
+    """The one-line message of a refusal (SystemExit with a message, or an exit code and a logged line)."""
+    with pytest.raises(SystemExit) as stop:
+        run(monkeypatch, main, *argv)
+    code = stop.value.code
+    message = code if isinstance(code, str) else capsys.readouterr().out.strip().splitlines()[-1]
+    assert message.startswith(("error:", "interrupted:")) and "\n" not in message
+    return message
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def train_once(monkeypatch, out, *extra):
+    run(monkeypatch, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--out-dir", out, *extra)
+    return snapshot(out)
+
+
+# -------------------------------------------------------------------------------------- run folders
+
+def test_commands_that_train_differently_get_different_default_folders():
+    parser = argparse.ArgumentParser()
+    common.add_common_args(parser)
+    common.add_distill_args(parser)
+    bkd.add_args(parser)
+    data = argparse.Namespace(fingerprint="0123456789abcdef")
+
+    def folder(*argv):
+        return common.default_out_dir(parser.parse_args(list(map(str, argv))), parser, "blockwise_kd", data)
+
+    blockkd = folder()
+    kd_baseline = folder("--stones", "none", "--gamma", 0, "--alpha", 0.1, "--beta", 0.9)
+    assert blockkd == "runs/blockwise_kd_cifar100_seed0"
+    assert kd_baseline == "runs/blockwise_kd_cifar100_seed0_alpha0.1_beta0.9_gamma0.0_stones-none"
+    assert folder("--epochs", 20) != blockkd and folder("--no-detach-ensemble") != blockkd
+    # Flags that do not change what is learned do not change the folder.
+    assert folder("--log-every", 5, "--data-dir", "elsewhere", "--eval-every", 2, "--amp", "bf16") == blockkd
+
+
+def test_a_fresh_run_over_an_existing_one_is_refused_and_nothing_is_lost(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    before = train_once(monkeypatch, out)
+    message = refused(monkeypatch, capsys, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--out-dir", out)
+    assert "already holds a run" in message and "--resume" in message
+    assert snapshot(out) == before
+    train_once(monkeypatch, out, "--overwrite")  # an explicit --overwrite starts afresh
+
+
+def test_resume_with_another_training_flag_is_refused_naming_each_flag(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    before = train_once(monkeypatch, out)
+    message = refused(monkeypatch, capsys, common.main, "--model", "resnet20", *TINY, "--epochs", 2, "--lr", 0.1,
+                      "--out-dir", out, "--resume")
+    assert "--epochs 2 (the run has 1)" in message and "--model resnet20 (the run has resnet8)" in message
+    assert "--lr 0.1 (the run has None)" in message
+    assert snapshot(out) == before
+    # Flags that do not change the result may differ.
+    run(monkeypatch, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--out-dir", out, "--resume",
+        "--log-every", 5, "--eval-every", 3)
+    assert "resumed" in capsys.readouterr().out
+
+
+def test_a_second_process_on_the_same_folder_is_refused(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "a") as other_process:  # a second open file description locks like another process
+        fcntl.flock(other_process, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        message = refused(monkeypatch, capsys, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--out-dir", out)
+    assert "another process is using --out-dir" in message
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_a_checkpoint_of_another_training_run_is_not_resumed(tmp_path):
+    """The teacher case: a killed run of one length is not continued at another (fit checks the recipe)."""
+    args = argparse.Namespace(seed=0, resume=True, log_every=30, eval_every=1, amp=None, channels_last=None,
+                              compile=None)
+    data = common.load_data(argparse.Namespace(dataset="synthetic", train_subset=100), torch.device("cpu"))
+    model = common.build_model("resnet8", 10, torch.device("cpu"))
+    recipe = common.make_recipe(args, "cnn", epochs=1, use_overrides=False)
+    common.fit(args, data, model, tmp_path, recipe)
+    before = snapshot(tmp_path)
+    with pytest.raises(SystemExit, match=r"from another training run \(--epochs 2 \(the run has 1\);"):
+        common.fit(args, data, model, tmp_path, common.make_recipe(args, "cnn", epochs=2, use_overrides=False))
+    assert snapshot(tmp_path) == before
+
+
+# ------------------------------------------------------------------------------------------ teachers
+
+def image_folder(root, seed):
+    rng = np.random.default_rng(seed)
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / split / cls / f"{i}.png")
+    return root
+
+
+def test_teachers_of_folders_with_the_same_name_are_kept_apart(tmp_path, capsys):
+    datasets = []
+    for name, seed in (("a", 0), ("b", 1)):
+        args = argparse.Namespace(dataset="folder", data_dir=str(image_folder(tmp_path / name / "images", seed)),
+                                  train_subset=0, checkpoint_dir=str(tmp_path / "checkpoints"), teacher="resnet8",
+                                  teacher_ckpt=None, amp=None, channels_last=None)
+        datasets.append((args, common.load_data(args, torch.device("cpu"))))
+    (args_a, data_a), (args_b, data_b) = datasets
+    path_a, path_b = (common.teacher_path(a, d, "resnet8") for a, d in datasets)
+    assert path_a != path_b and path_a.parent.name.startswith("folder-images-")
+    # A cached teacher records its data; one found in the cache of other data is refused.
+    model = common.build_model("resnet8", 2, torch.device("cpu"))
+    path_b.parent.mkdir(parents=True)
+    common.save_atomic(common.model_file(model, 1, 50.0, data_a), path_b)
+    with pytest.raises(SystemExit, match="was trained on other data"):
+        common.load_teacher(args_b, data_b)
+
+
+def test_save_as_teacher_puts_the_model_where_the_method_scripts_look(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    run(monkeypatch, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--save-as-teacher")
+    assert (tmp_path / "checkpoints" / "synthetic-subset100" / "resnet8.pth").exists()
+    capsys.readouterr()
+    run(monkeypatch, bkd.main, "--teacher", "resnet8", "--student", "resnet8", *TINY, "--epochs", 1)
+    log = capsys.readouterr().out
+    assert "training it first" not in log and "teacher resnet8 from checkpoints/synthetic-subset100/resnet8.pth" in log
+
+
+# --------------------------------------------------------------------------- unreadable and unwritable
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_an_unreadable_checkpoint_is_named_and_nothing_changes(tmp_path, monkeypatch, capsys, damage):
+    out = tmp_path / "run"
+    train_once(monkeypatch, out)
+    checkpoint = out / "checkpoint.pt"
+    checkpoint.write_bytes(b"not a checkpoint" if damage == "garbage" else checkpoint.read_bytes()[:5000])
+    before = snapshot(out)
+    message = refused(monkeypatch, capsys, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--out-dir", out,
+                      "--resume")
+    assert str(checkpoint) in message and "unreadable" in message and "nothing was changed" in message
+    assert "weights_only" not in message
+    assert snapshot(out) == before
+
+
+def test_unwritable_folders_are_found_before_anything_is_trained(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a_file").write_text("")
+    message = refused(monkeypatch, capsys, common.main, "--model", "resnet8", *TINY, "--out-dir", tmp_path / "a_file" / "run")
+    assert message.startswith(f"error: cannot write to --out-dir {tmp_path / 'a_file' / 'run'}")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a model was trained before the folders were checked")
+    monkeypatch.setattr(common, "fit", no_training)
+    message = refused(monkeypatch, capsys, bkd.main, "--teacher", "resnet8", "--student", "resnet8", *TINY,
+                      "--out-dir", tmp_path / "run", "--checkpoint-dir", tmp_path / "a_file" / "checkpoints")
+    assert message.startswith("error: cannot write to --checkpoint-dir")
+
+
+# -------------------------------------------------------------------------------------------- Ctrl-C
+
+def test_ctrl_c_prints_where_the_last_checkpoint_is_and_the_resume_command(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    learning_rate = common.learning_rate
+
+    def interrupt_in_epoch_2(recipe, progress):  # Ctrl-C at the first step of the second epoch
+        if progress >= 1:
+            raise KeyboardInterrupt
+        return learning_rate(recipe, progress)
+    monkeypatch.setattr(common, "learning_rate", interrupt_in_epoch_2)
+    monkeypatch.setattr(common, "last_checkpoint", {})
+    with pytest.raises(SystemExit) as stop:
+        run(monkeypatch, common.main, "--model", "resnet8", *TINY, "--epochs", 2, "--out-dir", out)
+    assert stop.value.code == 130
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line == (f"interrupted: the last complete checkpoint is {out / 'checkpoint.pt'} (epoch 1/2); to "
+                         f"resume: python script.py --model resnet8 {' '.join(TINY)} --epochs 2 --out-dir {out} --resume")
+    monkeypatch.setattr(common, "learning_rate", learning_rate)
+    run(monkeypatch, common.main, *last_line.split("to resume: python script.py ")[1].split())
+    assert "resumed" in capsys.readouterr().out and (out / "model.pth").exists()
