@@ -271,13 +271,15 @@ def add_args(parser):
     g = parser.add_argument_group("Block-KD")
     g.add_argument("--stones", default="all", metavar="LIST",
                    help="stepping-stones N_i in the loss: all (default), none (plain KD), or a comma list like 1,3")
-    g.add_argument("--temperature", "-T", type=float, default=4.0, metavar="T", help="KD temperature T of d(p, q) (default 4)")
-    g.add_argument("--alpha", type=float, default=1.0, help="weight of L_task, the cross-entropy terms (default 1)")
-    g.add_argument("--beta", type=float, default=1.0, help="weight of L_distill, teacher -> student and "
-                   "stepping-stones (default 1)")
-    g.add_argument("--gamma", type=float, default=1.0, help="weight of L_cross, stepping-stone ensemble -> "
-                   "student and stepping-stones (default 1)")
-    g.add_argument("--ramp-epochs", type=float, default=None, metavar="EPOCHS",
+    g.add_argument("--temperature", "-T", type=common.positive_float, default=4.0, metavar="T",
+                   help="KD temperature T of d(p, q) (default 4)")
+    g.add_argument("--alpha", type=common.nonnegative_float, default=1.0,
+                   help="weight of L_task, the cross-entropy terms (default 1)")
+    g.add_argument("--beta", type=common.nonnegative_float, default=1.0,
+                   help="weight of L_distill, teacher -> student and stepping-stones (default 1)")
+    g.add_argument("--gamma", type=common.nonnegative_float, default=1.0,
+                   help="weight of L_cross, stepping-stone ensemble -> student and stepping-stones (default 1)")
+    g.add_argument("--ramp-epochs", type=common.nonnegative_float, default=None, metavar="EPOCHS",
                    help="linear warm-up of the beta and gamma terms from 0 to 1 over this many epochs (float). "
                         "Default: 20/240 of --epochs (20 at 240, like the lr milestones it scales with short "
                         "runs), and 0 (no warm-up) with --stones none, so that the KD baseline is exactly "

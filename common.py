@@ -569,6 +569,58 @@ def load_teacher(args, data):
 
 # ------------------------------------------------------------------------------------- command line
 
+def number(text, kind, is_valid, description):
+    """`text` as int or float (`kind`), or argparse's one-line error 'argument --flag: must be ...'."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or not is_valid(value):
+        raise argparse.ArgumentTypeError(f"must be {description}, not {text!r}")
+    return value
+
+
+def positive_int(text):
+    return number(text, int, lambda v: v >= 1, "a positive integer")
+
+
+def nonnegative_int(text):
+    return number(text, int, lambda v: v >= 0, "an integer >= 0")
+
+
+def positive_float(text):
+    return number(text, float, lambda v: v > 0, "a positive number")
+
+
+def nonnegative_float(text):
+    return number(text, float, lambda v: v >= 0, "a number >= 0")
+
+
+def fraction(text):
+    return number(text, float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def device_name(text):
+    """--device: a torch device that this machine has (cpu, cuda, cuda:N, mps)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cuda, cuda:N or cpu") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text!r} is not available: no CUDA device is visible; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r} is not available: {count} CUDA device(s) are visible, "
+                                             f"cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r} is not available on this machine; use --device cpu")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text!r} is not supported; use cuda, cuda:N or cpu")
+    return text
+
+
 def add_common_args(parser):
     """Flags every script shares: data, recipe, output, device. Recipe flags left unset take the model
     family's default (see make_recipe)."""
@@ -577,31 +629,35 @@ def add_common_args(parser):
                    help="cifar100/cifar10 (torchvision files in --data-dir), folder (DIR/train/<class>/*, "
                         "DIR/test/<class>/*), or synthetic (generated, for smoke runs and tests)")
     g.add_argument("--data-dir", default="data", help="where the dataset is (default: data)")
-    g.add_argument("--train-subset", type=int, default=0, metavar="N",
+    g.add_argument("--train-subset", type=nonnegative_int, default=0, metavar="N",
                    help="train on a class-balanced subset of N images (fixed choice, same for every seed)")
     g = parser.add_argument_group("training recipe (unset: the student family's default)")
-    g.add_argument("--epochs", type=int, default=240, help="training epochs (default 240)")
-    g.add_argument("--batch-size", type=int, help="batch size (cnn 64, token 128)")
-    g.add_argument("--lr", type=float, help="peak learning rate (cnn 0.05, MobileNetV2/ShuffleV1/V2 0.01, token 1e-3)")
+    g.add_argument("--epochs", type=positive_int, default=240, help="training epochs (default 240)")
+    g.add_argument("--batch-size", type=positive_int, help="batch size (cnn 64, token 128)")
+    g.add_argument("--lr", type=positive_float,
+                   help="peak learning rate (cnn 0.05, MobileNetV2/ShuffleV1/V2 0.01, token 1e-3)")
     g.add_argument("--optimizer", choices=["sgd", "adamw"], help="cnn sgd, token adamw")
-    g.add_argument("--momentum", type=float, help="SGD momentum (0.9)")
-    g.add_argument("--weight-decay", type=float, help="weight decay (cnn 5e-4, token 0.05)")
+    g.add_argument("--momentum", type=fraction, help="SGD momentum (0.9)")
+    g.add_argument("--weight-decay", type=nonnegative_float, help="weight decay (cnn 5e-4, token 0.05)")
     g.add_argument("--schedule", choices=["step", "cosine"], help="cnn step, token cosine")
-    g.add_argument("--milestones", type=int, nargs="+",
+    g.add_argument("--milestones", type=positive_int, nargs="+",
                    help="step schedule epochs (default 62.5/75/87.5%% of --epochs: 150 180 210 of 240)")
-    g.add_argument("--lr-decay", type=float, help="step schedule factor (0.1)")
-    g.add_argument("--warmup-epochs", type=float, help="linear lr warm-up (cnn 0, token min(5, epochs/10))")
-    g.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing (cnn 0, token 0.1)")
-    g.add_argument("--grad-clip", type=float, help="clip the gradient norm (default off)")
+    g.add_argument("--lr-decay", type=positive_float, help="step schedule factor (0.1)")
+    g.add_argument("--warmup-epochs", type=nonnegative_float, help="linear lr warm-up (cnn 0, token min(5, epochs/10))")
+    g.add_argument("--label-smoothing", type=fraction, help="cross-entropy label smoothing (cnn 0, token 0.1)")
+    g.add_argument("--grad-clip", type=nonnegative_float, help="clip the gradient norm (default off)")
     g = parser.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0, help="seed of initialisation and augmentation (default 0)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    g.add_argument("--seed", type=nonnegative_int, default=0,
+                   help="seed of initialisation and augmentation (default 0)")
+    g.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda or cpu")
     g.add_argument("--out-dir", help="where metrics.jsonl, summary.json and checkpoints go (default under runs/)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last epoch")
-    g.add_argument("--eval-every", type=int, default=1, metavar="N",
+    g.add_argument("--eval-every", type=positive_int, default=1, metavar="N",
                    help="evaluate on the test set every N epochs and after the last (default 1); best-epoch "
                         "accuracy is then the best of the evaluated epochs, listed in summary.json")
-    g.add_argument("--log-every", type=float, default=30, help="seconds between progress lines within an epoch")
+    g.add_argument("--log-every", type=nonnegative_float, default=30,
+                   help="seconds between progress lines within an epoch")
     g.add_argument("--checkpoint-dir", default="checkpoints", help="where teachers are looked for and saved")
     g = parser.add_argument_group("speed (defaults depend on the device; the first log line of a run shows them)")
     g.add_argument("--amp", choices=["bf16", "off"],
@@ -628,17 +684,13 @@ def add_distill_args(parser):
     g.add_argument("--teacher-ckpt", type=Path,
                    help="teacher checkpoint; default: checkpoints/<dataset>/<teacher>.pth or the public "
                         "checkpoints/<teacher>_vanilla/ckpt_epoch_240.pth, else the teacher is trained first")
-    g.add_argument("--teacher-epochs", type=int, default=240,
+    g.add_argument("--teacher-epochs", type=positive_int, default=240,
                    help="epochs when a missing teacher is trained first (default 240, the standard recipe)")
 
 
 def setup(args, run_name):
     """Seed, device, data and output directory, the same for every script."""
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA device is visible; use --device cpu")
-    device = torch.device(args.device)
-    if args.eval_every < 1:
-        raise SystemExit("error: --eval-every must be 1 or more")
+    device = torch.device(args.device)  # checked by device_name when parsed
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for reproducible matmuls
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -663,13 +715,13 @@ def run_main(main):
         sys.exit(1)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description="Train one model alone with the standard recipe "
                                      "(teachers, plain-student baselines).")
     parser.add_argument("--model", required=True, choices=MODEL_NAMES, metavar="NAME",
                         help="architecture: " + ", ".join(MODEL_NAMES))
     add_common_args(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device, data = setup(args, args.model)
     model = build_model(args.model, data.num_classes, device)
     fit(args, data, model, args.out_dir, make_recipe(args, model_family(args.model), model_name=args.model))
