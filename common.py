@@ -156,6 +156,12 @@ def load_data(args, device):
         else:
             (train_x, train_y, test_x, test_y), num_classes = make_synthetic()
     if args.train_subset:
+        if args.train_subset > len(train_y):
+            raise SystemExit(f"error: --train-subset {args.train_subset} is more than the {len(train_y)} "
+                             f"training images of {args.dataset}")
+        if args.train_subset < num_classes:
+            raise SystemExit(f"error: --train-subset {args.train_subset} is fewer than the {num_classes} classes "
+                             f"of {args.dataset}: a class-balanced subset needs one image per class at least")
         keep = balanced_subset(train_y, args.train_subset, num_classes, seed=0)
         train_x, train_y = train_x[keep], train_y[keep]
     if args.dataset in ("folder", "synthetic"):  # statistics of the images actually trained on

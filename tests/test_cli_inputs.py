@@ -1,6 +1,9 @@
 """Bad command-line inputs end in one `error: ...` line before any data, model or teacher is touched:
 argparse-level problems through parser.error (exit 2), problems found in the data through
 SystemExit("error: ...") (exit 1). Most checks call the scripts' own main(argv) in-process."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -8,7 +11,7 @@ import blockwise_kd
 import common
 import lfcc
 import sskd
-from conftest import make_args
+from conftest import ROOT, make_args
 
 SCRIPTS = {"common": (common, ["--model", "resnet8"]), "blockwise_kd": (blockwise_kd, []),
            "sskd": (sskd, []), "lfcc": (lfcc, [])}
@@ -125,3 +128,31 @@ def test_unavailable_device_is_a_parser_error(script, device, visible, wanted, n
 def test_available_devices_parse(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert make_args("--device", "cuda:1").device == "cuda:1" and make_args("--device", "cpu").device == "cpu"
+
+
+# ------------------------------------------------------------------------------------- --train-subset
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("subset, wanted", [
+    (5, "error: --train-subset 5 is fewer than the 10 classes of synthetic"),
+    (101, "error: --train-subset 101 is more than the 100 training images of synthetic"),
+])
+def test_train_subset_outside_the_data_stops_before_any_model(script, subset, wanted, monkeypatch):
+    small = common.make_synthetic(train_size=100, test_size=20)
+    monkeypatch.setattr(common, "make_synthetic", lambda: small)
+    for name in ("build_model", "load_teacher"):
+        monkeypatch.setattr(common, name, lambda *a: pytest.fail("a model was built"))
+    module, base = SCRIPTS[script]
+    with pytest.raises(SystemExit) as error:
+        module.main(base + ["--dataset", "synthetic", "--device", "cpu", "--train-subset", str(subset)])
+    assert one_line_exit(error).startswith(wanted)
+
+
+def test_train_subset_error_is_one_line_from_the_command_line():
+    """The one place a subprocess shows more: exit code 1 and nothing but the error line on stderr."""
+    done = subprocess.run([sys.executable, "common.py", "--model", "resnet8", "--dataset", "synthetic",
+                           "--device", "cpu", "--train-subset", "5"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith("error: --train-subset 5 is fewer than the 10 classes") and \
+        done.stderr.count("\n") == 1, done.stderr
