@@ -86,32 +86,68 @@ def load_cifar(name, data_dir):
     return splits, len(ds.classes)
 
 
-def load_image_folder(root):
-    """`root/train/<class>/*` and `root/test/<class>/*`, any size and mode, as RGB 32x32 uint8."""
+def read_image(path):
+    """One image file as an RGB 32x32 uint8 array (H, W, 3)."""
     from PIL import Image  # torchvision depends on Pillow
 
+    with Image.open(path) as img:
+        img = img.convert("RGB")  # decodes the whole file: a truncated one fails here
+        if img.size != (32, 32):
+            img = img.resize((32, 32), Image.BILINEAR)
+        return np.asarray(img)
+
+
+def unreadable_reason(path, error):
+    """Why `read_image(path)` failed, in a few words."""
+    from PIL import UnidentifiedImageError
+
+    if path.stat().st_size == 0:
+        return "empty file"
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image format Pillow can read"
+    return "cannot be decoded: " + (" ".join(str(error).split())[:100] or type(error).__name__)
+
+
+def load_image_folder(root):
+    """`root/train/<class>/*` and `root/test/<class>/*`, any size and mode, as RGB 32x32 uint8.
+
+    Both splits must have the same class folders, and every image file must be readable: a run refuses
+    rather than skips, so that a benchmark never trains or tests on fewer images than the folder holds."""
     root = Path(root).expanduser()
     if not (root / "train").is_dir() or not (root / "test").is_dir():
         raise SystemExit(f"error: {root}/ has no train/ and test/ folders of class sub-folders. For the "
                          f"CIFAR-10 images: mkdir -p {root} && tar -xzf ../shared/data/cifar10_jpeg.tar.gz -C {root}")
     classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
-    splits = []
+    test_classes = sorted(d.name for d in (root / "test").iterdir() if d.is_dir())
+    if classes != test_classes:
+        only_train = sorted(set(classes) - set(test_classes))
+        only_test = sorted(set(test_classes) - set(classes))
+        raise SystemExit(f"error: {root}/train/ and {root}/test/ have different classes: only in train/: "
+                         f"{', '.join(only_train) or 'none'}; only in test/: {', '.join(only_test) or 'none'}")
+    splits, unreadable, total = {}, [], 0
     for split in ("train", "test"):
         images, labels = [], []
         for label, cls in enumerate(classes):
             for path in sorted((root / split / cls).iterdir()):
                 if path.suffix.lower() not in IMAGE_EXTENSIONS:
                     continue
-                with Image.open(path) as img:
-                    img = img.convert("RGB")
-                    if img.size != (32, 32):
-                        img = img.resize((32, 32), Image.BILINEAR)
-                    images.append(np.asarray(img))
-                labels.append(label)
+                total += 1
+                try:
+                    images.append(read_image(path))
+                    labels.append(label)
+                except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, ... by format
+                    unreadable.append((path, unreadable_reason(path, error)))
+        splits[split] = images, labels
+    if unreadable:
+        path, reason = unreadable[0]
+        raise SystemExit(f"error: cannot read {path} ({reason}); {len(unreadable)} of the {total} image files "
+                         f"under {root}/ cannot be read in all. Replace or delete them: a run does not skip images")
+    tensors = []
+    for split, (images, labels) in splits.items():
         if not images:
             raise SystemExit(f"error: no images found under {root / split}/<class>/")
-        splits += [torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)]
-    return splits, len(classes)
+        tensors += [torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)]
+    return tensors, len(classes)
 
 
 def make_synthetic(num_classes=10, train_size=10000, test_size=2000, seed=1234):

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 import blockwise_kd
 import common
@@ -156,3 +157,61 @@ def test_train_subset_error_is_one_line_from_the_command_line():
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.startswith("error: --train-subset 5 is fewer than the 10 classes") and \
         done.stderr.count("\n") == 1, done.stderr
+
+
+# -------------------------------------------------------------------------------------- image folders
+
+def image_folder(root, train_classes=("ant", "cat"), test_classes=("ant", "cat")):
+    for split, classes in (("train", train_classes), ("test", test_classes)):
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True)
+            Image.new("RGB", (32, 32), (200, 10, 10)).save(root / split / cls / "a.png")
+            Image.new("RGB", (32, 32), (10, 200, 10)).save(root / split / cls / "b.jpg")
+    return root
+
+
+def truncated_jpeg(path):
+    Image.effect_noise((32, 32), 64).convert("RGB").save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def load_folder(root):
+    return common.load_data(make_args("--dataset", "folder", "--data-dir", root), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("truncated", "(cannot be decoded: "), ("text", "(not an image format Pillow can read)"), ("empty", "(empty file)"),
+])
+def test_unreadable_image_is_named_with_the_reason(kind, reason, tmp_path):
+    root = image_folder(tmp_path)
+    bad = root / "train" / "cat" / "x.jpg"
+    {"truncated": truncated_jpeg, "text": lambda p: p.write_text("not an image"),
+     "empty": lambda p: p.write_bytes(b"")}[kind](bad)
+    with pytest.raises(SystemExit) as error:
+        load_folder(root)
+    assert one_line_exit(error).startswith(f"error: cannot read {bad} {reason}")
+    assert "1 of the 9 image files" in str(error.value)
+
+
+def test_unreadable_images_are_counted_and_the_first_named(tmp_path):
+    root = image_folder(tmp_path)
+    truncated_jpeg(root / "train" / "ant" / "c.jpg")
+    (root / "train" / "cat" / "x.jpg").write_text("not an image")
+    (root / "test" / "ant" / "y.jpg").write_bytes(b"")
+    with pytest.raises(SystemExit) as error:
+        load_folder(root)
+    message = one_line_exit(error)
+    assert message.startswith(f"error: cannot read {root / 'train' / 'ant' / 'c.jpg'} (cannot be decoded: ")
+    assert f"3 of the 11 image files under {root}/ cannot be read in all" in message
+
+
+@pytest.mark.parametrize("train_classes, test_classes, wanted", [
+    (("ant", "cat", "dog"), ("ant", "cat"), "only in train/: dog; only in test/: none"),
+    (("ant", "cat"), ("ant", "cat", "eel"), "only in train/: none; only in test/: eel"),
+    (("ant", "cat", "dog"), ("ant", "eel", "fox"), "only in train/: cat, dog; only in test/: eel, fox"),
+])
+def test_class_lists_of_train_and_test_must_match(train_classes, test_classes, wanted, tmp_path):
+    with pytest.raises(SystemExit) as error:
+        load_folder(image_folder(tmp_path, train_classes, test_classes))
+    assert one_line_exit(error) == f"error: {tmp_path}/train/ and {tmp_path}/test/ have different classes: {wanted}"
