@@ -400,7 +400,9 @@ def load_weights(model, path):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise SystemExit(f"error: {path} is not a readable PyTorch checkpoint ({error})") from None
+        # Not torch's message: it names the exception's cause and suggests weights_only=False (unsafe loading).
+        raise SystemExit(f"error: {path} is not a readable PyTorch checkpoint ({type(error).__name__}); it must "
+                         f"hold tensors only: a state_dict, or a dict with a 'model' entry") from None
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise SystemExit(f"error: {path} holds no state_dict (expected a dict with a 'model' entry)")

@@ -13,6 +13,7 @@ import common
 import lfcc
 import sskd
 from conftest import ROOT, make_args
+from models import create_model
 
 SCRIPTS = {"common": (common, ["--model", "resnet8"]), "blockwise_kd": (blockwise_kd, []),
            "sskd": (sskd, []), "lfcc": (lfcc, [])}
@@ -215,3 +216,23 @@ def test_class_lists_of_train_and_test_must_match(train_classes, test_classes, w
     with pytest.raises(SystemExit) as error:
         load_folder(image_folder(tmp_path, train_classes, test_classes))
     assert one_line_exit(error) == f"error: {tmp_path}/train/ and {tmp_path}/test/ have different classes: {wanted}"
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+@pytest.mark.parametrize("content", ["whole model", "cut in half", "text"])
+def test_unreadable_checkpoint_never_suggests_unsafe_loading(content, tmp_path):
+    path = tmp_path / "teacher.pth"
+    if content == "text":
+        path.write_text("not a checkpoint")
+    else:
+        torch.save(create_model("resnet8", 10), path)  # a pickled module: weights_only loading refuses it
+        if content == "cut in half":
+            path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    with pytest.raises(SystemExit) as error:
+        common.load_weights(create_model("resnet8", 10), path)
+    message = one_line_exit(error)
+    assert message.startswith(f"error: {path} is not a readable PyTorch checkpoint (")
+    assert "weights_only" not in message and "trust" not in message
+    if content == "whole model":
+        assert "(UnpicklingError)" in message
