@@ -185,7 +185,7 @@ def blockkd_loss(student_logits, teacher_logits, stone_logits, y, args, num_stag
 # ----------------------------------------------------------------------------------- training glue
 
 def parse_stones(text, num_stages):
-    """--stones: 'all' -> [1..n], 'none' -> [], '1,3' -> [1, 3]."""
+    """--stones: 'all' -> [1..n], 'none' -> [], '1,3' -> [1, 3]; ValueError for anything else."""
     if text == "all":
         return list(range(1, num_stages + 1))
     if text == "none":
@@ -195,7 +195,7 @@ def parse_stones(text, num_stages):
     except ValueError:
         stones = None
     if not stones or not all(1 <= i <= num_stages for i in stones):
-        raise SystemExit(f"error: --stones must be all, none or a comma list of stages 1..{num_stages}, not {text!r}")
+        raise ValueError(f"--stones must be all, none or a comma list of stages 1..{num_stages}, not {text!r}")
     return stones
 
 
@@ -300,6 +300,12 @@ def main(argv=None):
     common.add_distill_args(parser)
     add_args(parser)
     args = parser.parse_args(argv)
+    with torch.device("meta"):  # no memory, no initialisation: only the number of stages (3 in the whole zoo)
+        num_stages = len(models.create_model(args.student, 10).stages())
+    try:  # before common.load_teacher, which may first train a missing teacher for --teacher-epochs
+        parse_stones(args.stones, num_stages)
+    except ValueError as error:
+        parser.error(str(error))
     device, data = common.setup(args, f"blockwise_kd_{args.teacher}_{args.student}")
     teacher = common.load_teacher(args, data)
     torch.manual_seed(args.seed)

@@ -236,3 +236,23 @@ def test_unreadable_checkpoint_never_suggests_unsafe_loading(content, tmp_path):
     assert "weights_only" not in message and "trust" not in message
     if content == "whole model":
         assert "(UnpicklingError)" in message
+
+
+# ------------------------------------------------------------------------------------------ --stones
+
+@pytest.mark.parametrize("stones", ["4", "0", "1,x", "", "two"])
+def test_bad_stones_stop_before_data_and_teacher(stones, nothing_runs, capsys):
+    line = parser_error("blockwise_kd", ["--dataset", "synthetic", "--stones", stones], capsys)
+    assert line.endswith(f"error: --stones must be all, none or a comma list of stages 1..3, not {stones!r}"), line
+
+
+def test_good_stones_pass_the_early_check(monkeypatch):
+    class Reached(Exception):
+        pass
+
+    def reached(*args):
+        raise Reached
+    monkeypatch.setattr(common, "setup", reached)
+    for stones in ("all", "none", "3,1"):
+        with pytest.raises(Reached):
+            blockwise_kd.main(["--stones", stones, "--student", "vit"])
