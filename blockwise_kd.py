@@ -185,7 +185,7 @@ def blockkd_loss(student_logits, teacher_logits, stone_logits, y, args, num_stag
 # ----------------------------------------------------------------------------------- training glue
 
 def parse_stones(text, num_stages):
-    """--stones: 'all' -> [1..n], 'none' -> [], '1,3' -> [1, 3]."""
+    """--stones: 'all' -> [1..n], 'none' -> [], '1,3' -> [1, 3]; ValueError for anything else."""
     if text == "all":
         return list(range(1, num_stages + 1))
     if text == "none":
@@ -195,7 +195,7 @@ def parse_stones(text, num_stages):
     except ValueError:
         stones = None
     if not stones or not all(1 <= i <= num_stages for i in stones):
-        raise SystemExit(f"error: --stones must be all, none or a comma list of stages 1..{num_stages}, not {text!r}")
+        raise ValueError(f"--stones must be all, none or a comma list of stages 1..{num_stages}, not {text!r}")
     return stones
 
 
@@ -271,13 +271,15 @@ def add_args(parser):
     g = parser.add_argument_group("Block-KD")
     g.add_argument("--stones", default="all", metavar="LIST",
                    help="stepping-stones N_i in the loss: all (default), none (plain KD), or a comma list like 1,3")
-    g.add_argument("--temperature", "-T", type=float, default=4.0, metavar="T", help="KD temperature T of d(p, q) (default 4)")
-    g.add_argument("--alpha", type=float, default=1.0, help="weight of L_task, the cross-entropy terms (default 1)")
-    g.add_argument("--beta", type=float, default=1.0, help="weight of L_distill, teacher -> student and "
-                   "stepping-stones (default 1)")
-    g.add_argument("--gamma", type=float, default=1.0, help="weight of L_cross, stepping-stone ensemble -> "
-                   "student and stepping-stones (default 1)")
-    g.add_argument("--ramp-epochs", type=float, default=None, metavar="EPOCHS",
+    g.add_argument("--temperature", "-T", type=common.positive_float, default=4.0, metavar="T",
+                   help="KD temperature T of d(p, q) (default 4)")
+    g.add_argument("--alpha", type=common.nonnegative_float, default=1.0,
+                   help="weight of L_task, the cross-entropy terms (default 1)")
+    g.add_argument("--beta", type=common.nonnegative_float, default=1.0,
+                   help="weight of L_distill, teacher -> student and stepping-stones (default 1)")
+    g.add_argument("--gamma", type=common.nonnegative_float, default=1.0,
+                   help="weight of L_cross, stepping-stone ensemble -> student and stepping-stones (default 1)")
+    g.add_argument("--ramp-epochs", type=common.nonnegative_float, default=None, metavar="EPOCHS",
                    help="linear warm-up of the beta and gamma terms from 0 to 1 over this many epochs (float). "
                         "Default: 20/240 of --epochs (20 at 240, like the lr milestones it scales with short "
                         "runs), and 0 (no warm-up) with --stones none, so that the KD baseline is exactly "
@@ -298,6 +300,12 @@ def main(argv=None):
     common.add_distill_args(parser)
     add_args(parser)
     args = parser.parse_args(argv)
+    with torch.device("meta"):  # no memory, no initialisation: only the number of stages (3 in the whole zoo)
+        num_stages = len(models.create_model(args.student, 10).stages())
+    try:  # before common.load_teacher, which may first train a missing teacher for --teacher-epochs
+        parse_stones(args.stones, num_stages)
+    except ValueError as error:
+        parser.error(str(error))
     device, data = common.setup(args, f"blockwise_kd_{args.teacher}_{args.student}", parser)
     teacher = common.load_teacher(args, data)
     torch.manual_seed(args.seed)

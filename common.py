@@ -99,32 +99,68 @@ def load_cifar(name, data_dir):
     return splits, len(ds.classes)
 
 
-def load_image_folder(root):
-    """`root/train/<class>/*` and `root/test/<class>/*`, any size and mode, as RGB 32x32 uint8."""
+def read_image(path):
+    """One image file as an RGB 32x32 uint8 array (H, W, 3)."""
     from PIL import Image  # torchvision depends on Pillow
 
+    with Image.open(path) as img:
+        img = img.convert("RGB")  # decodes the whole file: a truncated one fails here
+        if img.size != (32, 32):
+            img = img.resize((32, 32), Image.BILINEAR)
+        return np.asarray(img)
+
+
+def unreadable_reason(path, error):
+    """Why `read_image(path)` failed, in a few words."""
+    from PIL import UnidentifiedImageError
+
+    if path.stat().st_size == 0:
+        return "empty file"
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image format Pillow can read"
+    return "cannot be decoded: " + (" ".join(str(error).split())[:100] or type(error).__name__)
+
+
+def load_image_folder(root):
+    """`root/train/<class>/*` and `root/test/<class>/*`, any size and mode, as RGB 32x32 uint8.
+
+    Both splits must have the same class folders, and every image file must be readable: a run refuses
+    rather than skips, so that a benchmark never trains or tests on fewer images than the folder holds."""
     root = Path(root).expanduser()
     if not (root / "train").is_dir() or not (root / "test").is_dir():
         raise SystemExit(f"error: {root}/ has no train/ and test/ folders of class sub-folders. For the "
                          f"CIFAR-10 images: mkdir -p {root} && tar -xzf ../shared/data/cifar10_jpeg.tar.gz -C {root}")
     classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
-    splits = []
+    test_classes = sorted(d.name for d in (root / "test").iterdir() if d.is_dir())
+    if classes != test_classes:
+        only_train = sorted(set(classes) - set(test_classes))
+        only_test = sorted(set(test_classes) - set(classes))
+        raise SystemExit(f"error: {root}/train/ and {root}/test/ have different classes: only in train/: "
+                         f"{', '.join(only_train) or 'none'}; only in test/: {', '.join(only_test) or 'none'}")
+    splits, unreadable, total = {}, [], 0
     for split in ("train", "test"):
         images, labels = [], []
         for label, cls in enumerate(classes):
             for path in sorted((root / split / cls).iterdir()):
                 if path.suffix.lower() not in IMAGE_EXTENSIONS:
                     continue
-                with Image.open(path) as img:
-                    img = img.convert("RGB")
-                    if img.size != (32, 32):
-                        img = img.resize((32, 32), Image.BILINEAR)
-                    images.append(np.asarray(img))
-                labels.append(label)
+                total += 1
+                try:
+                    images.append(read_image(path))
+                    labels.append(label)
+                except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, ... by format
+                    unreadable.append((path, unreadable_reason(path, error)))
+        splits[split] = images, labels
+    if unreadable:
+        path, reason = unreadable[0]
+        raise SystemExit(f"error: cannot read {path} ({reason}); {len(unreadable)} of the {total} image files "
+                         f"under {root}/ cannot be read in all. Replace or delete them: a run does not skip images")
+    tensors = []
+    for split, (images, labels) in splits.items():
         if not images:
             raise SystemExit(f"error: no images found under {root / split}/<class>/")
-        splits += [torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)]
-    return splits, len(classes)
+        tensors += [torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)]
+    return tensors, len(classes)
 
 
 def make_synthetic(num_classes=10, train_size=10000, test_size=2000, seed=1234):
@@ -169,6 +205,12 @@ def load_data(args, device):
         else:
             (train_x, train_y, test_x, test_y), num_classes = make_synthetic()
     if args.train_subset:
+        if args.train_subset > len(train_y):
+            raise SystemExit(f"error: --train-subset {args.train_subset} is more than the {len(train_y)} "
+                             f"training images of {args.dataset}")
+        if args.train_subset < num_classes:
+            raise SystemExit(f"error: --train-subset {args.train_subset} is fewer than the {num_classes} classes "
+                             f"of {args.dataset}: a class-balanced subset needs one image per class at least")
         keep = balanced_subset(train_y, args.train_subset, num_classes, seed=0)
         train_x, train_y = train_x[keep], train_y[keep]
     if args.dataset in ("folder", "synthetic"):  # statistics of the images actually trained on
@@ -375,7 +417,9 @@ def load_weights(model, path):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise SystemExit(f"error: {path} is not a readable PyTorch checkpoint ({error})") from None
+        # Not torch's message: it names the exception's cause and suggests weights_only=False (unsafe loading).
+        raise SystemExit(f"error: {path} is not a readable PyTorch checkpoint ({type(error).__name__}); it must "
+                         f"hold tensors only: a state_dict, or a dict with a 'model' entry") from None
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise SystemExit(f"error: {path} holds no state_dict (expected a dict with a 'model' entry)")
@@ -751,6 +795,58 @@ def load_teacher(args, data):
 
 # ------------------------------------------------------------------------------------- command line
 
+def number(text, kind, is_valid, description):
+    """`text` as int or float (`kind`), or argparse's one-line error 'argument --flag: must be ...'."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or not is_valid(value):
+        raise argparse.ArgumentTypeError(f"must be {description}, not {text!r}")
+    return value
+
+
+def positive_int(text):
+    return number(text, int, lambda v: v >= 1, "a positive integer")
+
+
+def nonnegative_int(text):
+    return number(text, int, lambda v: v >= 0, "an integer >= 0")
+
+
+def positive_float(text):
+    return number(text, float, lambda v: v > 0, "a positive number")
+
+
+def nonnegative_float(text):
+    return number(text, float, lambda v: v >= 0, "a number >= 0")
+
+
+def fraction(text):
+    return number(text, float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def device_name(text):
+    """--device: a torch device that this machine has (cpu, cuda, cuda:N, mps)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cuda, cuda:N or cpu") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text!r} is not available: no CUDA device is visible; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r} is not available: {count} CUDA device(s) are visible, "
+                                             f"cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r} is not available on this machine; use --device cpu")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text!r} is not supported; use cuda, cuda:N or cpu")
+    return text
+
+
 def add_common_args(parser):
     """Flags every script shares: data, recipe, output, device. Recipe flags left unset take the model
     family's default (see make_recipe)."""
@@ -759,35 +855,39 @@ def add_common_args(parser):
                    help="cifar100/cifar10 (torchvision files in --data-dir), folder (DIR/train/<class>/*, "
                         "DIR/test/<class>/*), or synthetic (generated, for smoke runs and tests)")
     g.add_argument("--data-dir", default="data", help="where the dataset is (default: data)")
-    g.add_argument("--train-subset", type=int, default=0, metavar="N",
+    g.add_argument("--train-subset", type=nonnegative_int, default=0, metavar="N",
                    help="train on a class-balanced subset of N images (fixed choice, same for every seed)")
     g = parser.add_argument_group("training recipe (unset: the student family's default)")
-    g.add_argument("--epochs", type=int, default=240, help="training epochs (default 240)")
-    g.add_argument("--batch-size", type=int, help="batch size (cnn 64, token 128)")
-    g.add_argument("--lr", type=float, help="peak learning rate (cnn 0.05, MobileNetV2/ShuffleV1/V2 0.01, token 1e-3)")
+    g.add_argument("--epochs", type=positive_int, default=240, help="training epochs (default 240)")
+    g.add_argument("--batch-size", type=positive_int, help="batch size (cnn 64, token 128)")
+    g.add_argument("--lr", type=positive_float,
+                   help="peak learning rate (cnn 0.05, MobileNetV2/ShuffleV1/V2 0.01, token 1e-3)")
     g.add_argument("--optimizer", choices=["sgd", "adamw"], help="cnn sgd, token adamw")
-    g.add_argument("--momentum", type=float, help="SGD momentum (0.9)")
-    g.add_argument("--weight-decay", type=float, help="weight decay (cnn 5e-4, token 0.05)")
+    g.add_argument("--momentum", type=fraction, help="SGD momentum (0.9)")
+    g.add_argument("--weight-decay", type=nonnegative_float, help="weight decay (cnn 5e-4, token 0.05)")
     g.add_argument("--schedule", choices=["step", "cosine"], help="cnn step, token cosine")
-    g.add_argument("--milestones", type=int, nargs="+",
+    g.add_argument("--milestones", type=positive_int, nargs="+",
                    help="step schedule epochs (default 62.5/75/87.5%% of --epochs: 150 180 210 of 240)")
-    g.add_argument("--lr-decay", type=float, help="step schedule factor (0.1)")
-    g.add_argument("--warmup-epochs", type=float, help="linear lr warm-up (cnn 0, token min(5, epochs/10))")
-    g.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing (cnn 0, token 0.1)")
-    g.add_argument("--grad-clip", type=float, help="clip the gradient norm (default off)")
+    g.add_argument("--lr-decay", type=positive_float, help="step schedule factor (0.1)")
+    g.add_argument("--warmup-epochs", type=nonnegative_float, help="linear lr warm-up (cnn 0, token min(5, epochs/10))")
+    g.add_argument("--label-smoothing", type=fraction, help="cross-entropy label smoothing (cnn 0, token 0.1)")
+    g.add_argument("--grad-clip", type=nonnegative_float, help="clip the gradient norm (default off)")
     g = parser.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0, help="seed of initialisation and augmentation (default 0)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    g.add_argument("--seed", type=nonnegative_int, default=0,
+                   help="seed of initialisation and augmentation (default 0)")
+    g.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda or cpu")
     g.add_argument("--out-dir", help="where metrics.jsonl, summary.json and checkpoints go (default under runs/)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out-dir from its last complete epoch (refused if a training flag "
                         "differs from the run's; starts afresh if the folder holds no run)")
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --out-dir that holds a run (without it, that is refused)")
-    g.add_argument("--eval-every", type=int, default=1, metavar="N",
+    g.add_argument("--eval-every", type=positive_int, default=1, metavar="N",
                    help="evaluate on the test set every N epochs and after the last (default 1); best-epoch "
                         "accuracy is then the best of the evaluated epochs, listed in summary.json")
-    g.add_argument("--log-every", type=float, default=30, help="seconds between progress lines within an epoch")
+    g.add_argument("--log-every", type=nonnegative_float, default=30,
+                   help="seconds between progress lines within an epoch")
     g.add_argument("--checkpoint-dir", default="checkpoints", help="where teachers are looked for and saved")
     g = parser.add_argument_group("speed (defaults depend on the device; the first log line of a run shows them)")
     g.add_argument("--amp", choices=["bf16", "off"],
@@ -814,18 +914,14 @@ def add_distill_args(parser):
     g.add_argument("--teacher-ckpt", type=Path,
                    help="teacher checkpoint; default: checkpoints/<dataset>/<teacher>.pth or the public "
                         "checkpoints/<teacher>_vanilla/ckpt_epoch_240.pth, else the teacher is trained first")
-    g.add_argument("--teacher-epochs", type=int, default=240,
+    g.add_argument("--teacher-epochs", type=positive_int, default=240,
                    help="epochs when a missing teacher is trained first (default 240, the standard recipe)")
 
 
 def setup(args, run_name, parser):
     """Seed, device, data and the run folder, the same for every script: every check that can fail happens
     here, before anything is trained (see claim_out_dir)."""
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA device is visible; use --device cpu")
-    device = torch.device(args.device)
-    if args.eval_every < 1:
-        raise SystemExit("error: --eval-every must be 1 or more")
+    device = torch.device(args.device)  # checked by device_name when parsed
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for reproducible matmuls
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -863,7 +959,7 @@ def run_main(main):
         sys.exit(130)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description="Train one model alone with the standard recipe "
                                      "(teachers, plain-student baselines).")
     parser.add_argument("--model", required=True, choices=MODEL_NAMES, metavar="NAME",
@@ -872,7 +968,7 @@ def main():
     parser.add_argument("--save-as-teacher", action="store_true",
                         help="when done, also save the model where the method scripts look for a teacher of "
                              "this data: checkpoints/<data>/<model>.pth (see --checkpoint-dir)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device, data = setup(args, args.model, parser)
     teacher_file = teacher_path(args, data, args.model)
     if args.save_as_teacher:

@@ -213,32 +213,33 @@ def add_args(parser):
     g = parser.add_argument_group("LFCC (the filter, space and weights are this project's reconstruction)")
     g.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3],
                    help="stage outputs aligned, stage k of the student with stage k of the teacher (default 1 2 3)")
-    g.add_argument("--scales", type=int, nargs="+", default=[1, 2, 4],
+    g.add_argument("--scales", type=common.positive_int, nargs="+", default=[1, 2, 4],
                    help="grid sizes s of the multi-scale low-pass filter: every map is average-pooled to s x s "
                         "(default 1 2 4: C*21 values per stage)")
     g.add_argument("--no-lowpass", action="store_true",
                    help="ablation: no low-pass filter; each stage output is flattened at its full resolution "
                         "(C*H*W values, every frequency) and projected by a Linear like the filtered vector")
-    g.add_argument("--proj-dim", type=int, default=128, help="dimension d of the compact space (default 128)")
-    g.add_argument("--tau", type=float, default=0.1, help="InfoNCE temperature (default 0.1)")
+    g.add_argument("--proj-dim", type=common.positive_int, default=128,
+                   help="dimension d of the compact space (default 128)")
+    g.add_argument("--tau", type=common.positive_float, default=0.1, help="InfoNCE temperature (default 0.1)")
     g.add_argument("--loss", choices=["infonce", "mse"], default="infonce",
                    help="alignment in the compact space: symmetric in-batch InfoNCE (default), or the ablation "
                         "mse: squared distance of the same unit vectors, no negatives")
-    g.add_argument("--alpha", type=float, default=1.0, help="weight of the logit KD term (default 1; 0: LFCC alone)")
-    g.add_argument("--beta", type=float, default=1.0, help="weight of the mean per-stage alignment loss (default 1)")
-    g.add_argument("--kd-temperature", "--T", dest="kd_temperature", type=float, default=4.0,
+    g.add_argument("--alpha", type=common.nonnegative_float, default=1.0,
+                   help="weight of the logit KD term (default 1; 0: LFCC alone)")
+    g.add_argument("--beta", type=common.nonnegative_float, default=1.0,
+                   help="weight of the mean per-stage alignment loss (default 1)")
+    g.add_argument("--kd-temperature", "--T", dest="kd_temperature", type=common.positive_float, default=4.0,
                    help="temperature T of the logit KD term (default 4)")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description="LFCC: low-frequency contrastive distillation between "
                                      "heterogeneous architectures (CNN, ViT, MLP-Mixer).")
     common.add_common_args(parser)
     common.add_distill_args(parser)
     add_args(parser)
-    args = parser.parse_args()
-    if min(args.scales) < 1 or args.tau <= 0 or args.proj_dim < 1:
-        parser.error("--scales must be positive integers, --tau and --proj-dim positive")
+    args = parser.parse_args(argv)
     args.stages = sorted(set(args.stages))
     device, data = common.setup(args, f"lfcc_{args.teacher}_{args.student}", parser)
     teacher = common.load_teacher(args, data)

@@ -74,11 +74,11 @@ from models import create_model, feature_shapes, model_family, resize_map, to_ma
 
 def add_args(parser):
     g = parser.add_argument_group("SSKD")
-    g.add_argument("--stage-epochs", type=int,
+    g.add_argument("--stage-epochs", type=common.positive_int,
                    help="epochs of each stage phase (default: --epochs // (stages + 1), at least 1)")
-    g.add_argument("--head-epochs", type=int,
+    g.add_argument("--head-epochs", type=common.positive_int,
                    help="epochs of the head phase (default: --epochs // (stages + 1), at least 1)")
-    g.add_argument("--feat-weight", type=float, default=10.0,
+    g.add_argument("--feat-weight", type=common.positive_float, default=10.0,
                    help="phase A loss = weight x mean squared feature error (default 10; see the docstring)")
     g.add_argument("--joint", action="store_true",
                    help="ablation: train the whole backbone at once on the sum of all stage losses "
@@ -303,14 +303,14 @@ def run_sskd(args, data, student, teacher):
     return summary
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description="Stage-by-stage knowledge distillation (SSKD): the student's "
                                      "backbone copies the teacher's features one stage at a time, then its "
                                      "head is trained on labels alone.")
     common.add_common_args(parser)
     common.add_distill_args(parser)
     add_args(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.teacher_input:  # fail before a missing teacher would be trained
         check_teacher_input(create_model(args.student, 10), create_model(args.teacher, 10))
     device, data = common.setup(args, f"sskd_{args.teacher}_{args.student}", parser)

@@ -225,7 +225,7 @@ def test_stone_weights_ramp_and_cross_terms_are_exact():
     assert bkd.parse_stones("all", 3) == [1, 2, 3] and bkd.parse_stones("none", 3) == []
     assert bkd.parse_stones("3,1", 3) == [1, 3]
     for bad in ("0", "4", "1,x", ""):
-        with pytest.raises(SystemExit, match="--stones"):
+        with pytest.raises(ValueError, match="--stones"):
             bkd.parse_stones(bad, 3)
 
 
