@@ -10,6 +10,7 @@ seconds per run) and, per run, <out>/<row>_<student>_seed<S>/run_info.json (comm
     python benchmarks/mini_benchmark.py --rows student kd cekd --seeds 0  # some rows
     python benchmarks/mini_benchmark.py --rows sskd sskd_s6_h2 sskd_s10_h5 sskd_s20_h5 --students resnet8
     python benchmarks/mini_benchmark.py --table-only                      # just rebuild the table
+    python benchmarks/mini_benchmark.py --feature-energy                  # the teacher's mean(t_k^2) per stage
 
 A run whose summary.json exists is not run again and an interrupted one resumes (every run gets --resume),
 so the grid can be stopped and restarted at any time. Every run uses `--amp bf16` by default (this CPU has
@@ -96,8 +97,13 @@ def main():
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     parser.add_argument("--table-only", action="store_true", help="only rebuild the table from finished runs")
+    parser.add_argument("--feature-energy", action="store_true",
+                        help="print the teacher's mean squared stage outputs on the test split, the scale of "
+                             "SSKD's test feature MSE (stage_feat_mse in its summary.json), and exit")
     args = parser.parse_args()
     out = ROOT / args.out
+    if args.feature_energy:
+        return print_feature_energy(out / "teacher_resnet20" / "model.pth", args.data_dir)
     protocol = ["--dataset", "folder", "--data-dir", args.data_dir, "--train-subset", "5000", "--amp", args.amp]
     teacher_dir = out / "teacher_resnet20"
     failed = 0
@@ -126,6 +132,24 @@ def main():
     write_table(out, args)
     if failed:
         sys.exit(f"{failed} runs failed (see their log.txt); rerun the same command to retry them")
+
+
+def print_feature_energy(teacher_file, data_dir):
+    sys.path.insert(0, str(ROOT))
+    import torch
+    import common
+    import models
+    data = common.load_data(argparse.Namespace(dataset="folder", data_dir=data_dir, train_subset=5000),
+                            torch.device("cpu"))
+    teacher = common.build_model("resnet20", data.num_classes, torch.device("cpu")).eval()
+    common.load_weights(teacher, teacher_file)
+    sums = [0.0, 0.0, 0.0]
+    with torch.no_grad():
+        for x, y in common.test_batches(data):
+            features, _ = models.stage_features(teacher, x)
+            sums = [s + f.float().pow(2).mean().item() * len(y) for s, f in zip(sums, features)]
+    print("teacher resnet20, mean squared stage output on the test split (stages 1, 2, 3):",
+          " ".join(f"{s / len(data.test_y):.4f}" for s in sums))
 
 
 def mean_std(values):
