@@ -173,10 +173,42 @@ def label(row, summary):
     return text
 
 
+# Each method against the control that shares its loss weights (and each ablation against its method).
+COMPARISONS = [("kd", "student"), ("cekd", "student"), ("blockkd", "cekd"), ("blockkd", "blockkd_nocross"),
+               ("lfcc", "cekd"), ("lfcc", "lfcc_nolowpass"), ("lfcc_beta0", "cekd"), ("sskd", "student"),
+               ("sskd_joint", "sskd"), ("sskd_finetune", "sskd")]
+
+
+def last_accuracies(out, row, student):
+    return [json.loads(p.read_text())["last_acc"] for p in sorted(out.glob(f"{row}_{student}_seed*/summary.json"))]
+
+
+def comparison_lines(out, students):
+    """Difference of mean last-epoch accuracy, with its standard error sqrt(s_a^2/n_a + s_b^2/n_b) where both
+    rows have 2+ seeds; a difference is called clear when it exceeds twice that."""
+    lines = ["| student | comparison | seeds | Δ last-epoch acc (points) | standard error | clear? |",
+             "|---|---|---|---|---|---|"]
+    for student in students:
+        for row, control in COMPARISONS:
+            a, b = last_accuracies(out, row, student), last_accuracies(out, control, student)
+            if not a or not b:
+                continue
+            delta = statistics.mean(a) - statistics.mean(b)
+            if len(a) > 1 and len(b) > 1:
+                error = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+                shown, clear = f"{error:.2f}", "yes" if abs(delta) > 2 * error else "no"
+            else:
+                shown, clear = "–", "one seed"
+            names = [ROWS[r][2].replace("**", "") for r in (row, control)]
+            lines.append(f"| {student} | {names[0]} − {names[1]} | {len(a)} vs {len(b)} | "
+                         f"{delta:+.2f} | {shown} | {clear} |")
+    return lines
+
+
 def write_table(out, args):
     teacher = json.loads((out / "teacher_resnet20" / "summary.json").read_text()) \
         if (out / "teacher_resnet20" / "summary.json").exists() else None
-    lines = ["| teacher → student | row | seeds | last-epoch acc % | best-epoch acc % | s / run |",
+    lines = ["| teacher → student | row | seeds | last-epoch acc % | best-epoch acc % | s / run (median) |",
              "|---|---|---|---|---|---|"]
     for student in args.students:
         for row in ROWS:
@@ -186,7 +218,7 @@ def write_table(out, args):
             summaries = [json.loads(p.read_text()) for p in runs]
             walls = [w for w in (wall_seconds(p.parent) for p in runs) if w is not None]
             seeds = ",".join(p.parent.name.rsplit("seed", 1)[1] for p in runs)
-            wall = f"{statistics.mean(walls):.0f}" if walls else "–"
+            wall = f"{statistics.median(walls):.0f}" if walls else "–"  # median: one run slowed by other jobs
             lines.append(f"| resnet20 → {student} | {label(row, summaries[0])} | {seeds} | "
                          f"{mean_std([s['last_acc'] for s in summaries])} | "
                          f"{mean_std([s['best_acc'] for s in summaries])} | {wall} |")
@@ -195,7 +227,7 @@ def write_table(out, args):
         head = (f"Teacher resnet20: {teacher['last_acc']:.2f} % (last epoch, {teacher['epochs']} epochs, seed 0). "
                 f"Students: {args.epochs} epochs, CIFAR-10 image folder, 5,000-image subset, full 10,000-image "
                 f"test split, `--amp {args.amp}`, {args.threads} thread(s) per run, {args.jobs} runs at a time.\n\n")
-    table = head + "\n".join(lines) + "\n"
+    table = head + "\n".join(lines) + "\n\n" + "\n".join(comparison_lines(out, args.students)) + "\n"
     (out / "table.md").write_text(table)
     print(table)
 
