@@ -139,7 +139,9 @@ def test_joint_trains_the_whole_backbone_and_the_budget_is_split():
     distances[2].backward()  # the last stage's loss reaches the stem when the backbone is trained jointly
     assert student.conv1.weight.grad is not None and student.fc.weight.grad is None
     plan = sskd.phase_plan(sskd_args("x", "--epochs", 240), 3)
-    assert plan == [("stage1", [0], 60), ("stage2", [1], 60), ("stage3", [2], 60), ("head", None, 60)]
+    assert plan == [("stage1", [0], 72), ("stage2", [1], 72), ("stage3", [2], 72), ("head", None, 24)]
+    assert [epochs for *_, epochs in sskd.phase_plan(sskd_args("x", "--epochs", 20), 3)] == [6, 6, 6, 2]
+    assert [epochs for *_, epochs in sskd.phase_plan(sskd_args("x", "--epochs", 1), 3)] == [1, 1, 1, 1]
     plan = sskd.phase_plan(sskd_args("x", "--joint", "--stage-epochs", 5, "--head-epochs", 7), 3)
     assert plan == [("joint", [0, 1, 2], 15), ("head", None, 7)]
 
@@ -208,7 +210,7 @@ def test_run_lowers_every_stage_distance_and_learns_a_head(full_run, small_data,
         assert rows[-1]["train_loss"] == pytest.approx(10 * rows[-1]["train_feat_mse"], rel=1e-5)  # --feat-weight
         assert not (out_dir / f"stage{k}" / "model.pth").exists()
     saved = json.loads((out_dir / "summary.json").read_text())
-    assert saved["last_acc"] == summary["last_acc"] and saved["epochs"] == 8
+    assert saved["last_acc"] == summary["last_acc"] and saved["epochs"] == 2 + 2 + 2 + 1  # --epochs 8
     assert set(saved["phases"]) == {"stage1", "stage2", "stage3", "head"}
     # The final student, in the benchmark format with the zoo's keys, loads strictly.
     reloaded = create_model("resnet8", 10)
