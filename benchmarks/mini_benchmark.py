@@ -29,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_STONES = ["--stones", "none", "--gamma", "0"]
+EVEN_SPLIT = ["--stage-epochs", "5", "--head-epochs", "5"]  # sskd.py's default split of 20 epochs until the budget study
 ROWS = {  # row -> (script, flags, label). Order = order of the table.
     "student": ("common.py", [], "student alone"),
     "kd": ("blockwise_kd.py", NO_STONES + ["--alpha", "0.1", "--beta", "0.9"], "KD as in the benchmark (0.1·CE + 0.9·KD, T=4)"),
@@ -38,10 +39,10 @@ ROWS = {  # row -> (script, flags, label). Order = order of the table.
     "lfcc": ("lfcc.py", [], "LFCC"),
     "lfcc_nolowpass": ("lfcc.py", ["--no-lowpass"], "LFCC without the low-pass filter (`--no-lowpass`)"),
     "lfcc_beta0": ("lfcc.py", ["--beta", "0"], "LFCC with `--beta 0` (= the CE + KD control)"),
-    "sskd": ("sskd.py", [], "SSKD as in the paper (stages, then head on labels)"),
-    "sskd_joint": ("sskd.py", ["--joint"], "SSKD `--joint` (departure: all stages at once)"),
-    "sskd_finetune": ("sskd.py", ["--finetune-all"], "SSKD `--finetune-all` (departure: phase B trains all)"),
-    # The SSKD budget study: epochs per stage phase (s) and of the head phase (h).
+    "sskd": ("sskd.py", EVEN_SPLIT, "SSKD as in the paper (stages, then head on labels)"),
+    "sskd_joint": ("sskd.py", ["--joint", *EVEN_SPLIT], "SSKD `--joint` (departure: all stages at once)"),
+    "sskd_finetune": ("sskd.py", ["--finetune-all", *EVEN_SPLIT], "SSKD `--finetune-all` (departure: phase B trains all)"),
+    # The SSKD budget study: epochs per stage phase (s) and of the head phase (h); s6_h2 is today's default.
     "sskd_s6_h2": ("sskd.py", ["--stage-epochs", "6", "--head-epochs", "2"], "SSKD as in the paper"),
     "sskd_s10_h5": ("sskd.py", ["--stage-epochs", "10", "--head-epochs", "5"], "SSKD as in the paper"),
     "sskd_s20_h5": ("sskd.py", ["--stage-epochs", "20", "--head-epochs", "5"], "SSKD as in the paper"),
