@@ -69,7 +69,7 @@ def commit():
 def run(command, run_dir, threads):
     """Run one command with its log in run_dir/log.txt; returns wall seconds, or None if it failed."""
     if (run_dir / "summary.json").exists():  # finished meanwhile (by another invocation): keep its run_info
-        return wall_seconds(run_dir)
+        return wall_seconds(run_dir) or 0.0
     run_dir.mkdir(parents=True, exist_ok=True)
     say("$ " + " ".join(command))
     start = time.time()
