@@ -31,7 +31,8 @@ map's low-frequency part at scale s, and a 32x32 CNN map and an 8x8 token grid l
 no interpolation. The pyramid alone is a reparametrisation of its finest grid: the 1x1 and 2x2 levels are
 averages of the 4x4 one, so a Linear projector sees the same function class with S = {1, 2, 4} as with
 S = {4}; what the filter does is discard everything finer than the 4x4 grid. The `--no-lowpass` ablation
-therefore keeps it: v = flatten(F) at full resolution (C*H*W values, a larger projector). Both projectors train; only the teacher backbone is frozen. At initialisation L_k is about
+therefore keeps it: v = flatten(F) at full resolution (C*H*W values, a larger projector). Both projectors
+train; only the teacher backbone is frozen. At initialisation L_k is about
 ln B, on the scale of the cross-entropy. Logged per epoch: every stage's loss `lfcc_s<k>` and positive-pair
 rank accuracy `rank_acc_s<k>` (% of samples whose nearest teacher embedding is their own; chance 100/B) on
 training batches, and the same on the test set (`test_lfcc_s<k>`, `test_rank_acc_s<k>`, batches of 500).

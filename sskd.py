@@ -35,12 +35,12 @@ trained with cross-entropy on the labels alone: L = CE(head(z_K), y). No teacher
 
 Schedule **[choice]**: budget matched to a 240-epoch run. Of `--epochs` E, the head phase gets a tenth
 (E // 10, at least 1) and the K stage phases share the rest equally ((E - head) // K, at least 1; a
-remainder is not trained): 72 + 72 + 72 + 24 for E = 240, 6 + 6 + 6 + 2 for E = 20; `--stage-epochs` / `--head-epochs` override. Why: on the
-CPU mini-benchmark (resnet20 -> resnet8, 5,000 real images, seed 0; README "Results") accuracy follows the
-stage-3 copy, which improves with every stage epoch (stage-3 test MSE 30 / 28 / 25 / 22 % of the teacher's
-feature energy at 5 / 6 / 10 / 20 epochs per stage: 58.9 / 59.2 / 61.7 / 63.3 %), while the head on a
-frozen backbone needs few epochs (2 instead of 5 lost nothing). The even split used before (5 + 5 + 5 + 5)
-gave 58.6 ± 0.4 % over 3 seeds, 0.9 points below the student alone.
+remainder is not trained): 72 + 72 + 72 + 24 for E = 240, 6 + 6 + 6 + 2 for E = 20; `--stage-epochs` /
+`--head-epochs` override. Why: on the CPU mini-benchmark (resnet20 -> resnet8, 5,000 real images, seed 0;
+README "Results") accuracy follows the stage-3 copy, which improves with every stage epoch (stage-3 test
+MSE 30 / 28 / 25 / 22 % of the teacher's feature energy at 5 / 6 / 10 / 20 epochs per stage: 58.9 / 59.2 /
+61.7 / 63.3 %), while the head on a frozen backbone needs few epochs (2 instead of 5 lost nothing). The
+even split used before (5 + 5 + 5 + 5) gave 58.6 ± 0.4 % over 3 seeds, 0.9 points below the student alone.
 Every phase is one `common.fit` with its own optimizer over that phase's trainable parameters only (weight
 decay touches nothing else) and the student family's recipe scaled to the phase (cnn: SGD lr 0.05,
 momentum 0.9, wd 5e-4, batch 64, x0.1 at 62.5/75/87.5 % of the phase; a `--milestones` given on the command
