@@ -24,6 +24,14 @@ def make_args(*argv, method_args=None):
     return parser.parse_args([str(a) for a in argv])
 
 
+def frozen(model):
+    """A teacher as the methods expect it: eval mode, no trainable parameter."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
 @pytest.fixture(scope="session")
 def synthetic_data():
     args = make_args("--dataset", "synthetic", "--train-subset", 640)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import blockwise_kd as bkd
 import common
 import models
-from conftest import make_args
+from conftest import frozen, make_args
 from models.resnet import CifarResNet
 from models.token_models import mlp_mixer, vit
 from models.wrn import WideResNet
@@ -24,13 +24,6 @@ def tiny(name, num_classes=10):
              "vit": lambda: vit(num_classes, dim=32, depth=3, heads=2, mlp_hidden=64),
              "mlp_mixer": lambda: mlp_mixer(num_classes, dim=32, depth=3, token_hidden=16, channel_hidden=64)}[name]()
     model.arch = name  # 'vit' / 'mlp_mixer' select the token recipe
-    return model
-
-
-def frozen(model):
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     return model
 
 

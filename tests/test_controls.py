@@ -6,14 +6,7 @@ import blockwise_kd as bkd
 import common
 import lfcc
 import models
-from conftest import make_args
-
-
-def frozen(model):
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+from conftest import frozen, make_args
 
 
 def test_ce_kd_control_is_the_same_loss_and_gradient_in_blockkd_and_lfcc(synthetic_data):

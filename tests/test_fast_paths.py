@@ -19,7 +19,7 @@ import common
 import lfcc
 import models
 import sskd
-from conftest import make_args
+from conftest import frozen, make_args
 from models.resnet import CifarResNet
 from models.token_models import mlp_mixer
 
@@ -67,13 +67,6 @@ def test_fast_path_flags_on_cpu():
 
 
 # ------------------------------------------------------------------------------------------- the runs
-
-def frozen(model):
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
 
 def build_teacher(method, channels_last):
     """An untrained frozen teacher (the comparisons need no knowledge in it), in channels_last when the run

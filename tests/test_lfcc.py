@@ -8,19 +8,12 @@ import torch.nn as nn
 import common
 import lfcc
 import models
-from conftest import make_args
+from conftest import frozen, make_args
 from models.token_models import mlp_mixer, vit
 
 
 def lfcc_args(*argv):
     return make_args("--dataset", "synthetic", "--train-subset", 640, *argv, method_args=lfcc.add_args)
-
-
-def frozen(model):
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 def tiny_token_model(name, num_classes=10):

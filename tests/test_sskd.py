@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import common
 import sskd
-from conftest import make_args
+from conftest import frozen, make_args
 from models import create_model, feature_shapes, stage_features, token_models
 
 
@@ -26,13 +26,6 @@ def tiny_mixer(num_classes=10):
 def build(name, seed=0):
     torch.manual_seed(seed)
     return {"vit": tiny_vit, "mlp_mixer": tiny_mixer}.get(name, lambda: create_model(name, 10))()
-
-
-def frozen(model):
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 def sskd_args(out_dir, *extra):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import blockwise_kd as bkd
 import lfcc
 import sskd
-from conftest import make_args
+from conftest import frozen, make_args
 from models import (DEFAULT_LR, MODEL_NAMES, OTHER_CNNS, VGGS, classifier, create_model, feature_shapes,
                     model_family, stage_features, state_dict_classes, to_map)
 
@@ -22,13 +22,6 @@ STAGE_SHAPES = {
     "ShuffleV2": [(116, 16, 16), (232, 8, 8), (464, 4, 4)],
     "ResNet50": [(512, 16, 16), (1024, 8, 8), (2048, 4, 4)],
 }
-
-
-def frozen(model):
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 # ------------------------------------------------------------------------------------------- the models
