@@ -131,14 +131,23 @@ def feature_shapes(model, image_size=32):
     return [tuple(f.shape[1:]) for f in feats]
 
 
+def grid_shape(shape):
+    """A per-sample feature shape -> (channels, grid side): maps are (C, H, W) with H == W, tokens (N, D) with
+    N a square number (their sqrt(N) x sqrt(N) grid)."""
+    if len(shape) == 3:
+        assert shape[1] == shape[2], f"non-square feature map {tuple(shape)}"
+        return shape[0], shape[1]
+    side = math.isqrt(shape[0])
+    assert side * side == shape[0], f"{shape[0]} tokens do not form a square grid"
+    return shape[1], side
+
+
 def to_map(x):
     """(B, N, C) tokens of a square grid -> (B, C, sqrt(N), sqrt(N)); maps pass through unchanged."""
     if x.dim() == 4:
         return x
-    B, N, C = x.shape
-    side = math.isqrt(N)
-    assert side * side == N, f"{N} tokens do not form a square grid"
-    return x.transpose(1, 2).reshape(B, C, side, side)
+    channels, side = grid_shape(x.shape[1:])
+    return x.transpose(1, 2).reshape(len(x), channels, side, side)
 
 
 def to_tokens(x):
