@@ -31,7 +31,8 @@ Loss [paper], with Y^S = `student_logits`, Y^T = `teacher_logits`, Y^{N_i} = `st
 
 - w_i = 2^-(n-i) [paper, as quoted]; whether w_i also weighs L_cross is unknown [choice: yes,
   --no-cross-stone-weights drops it].
-- d(p, q) = T^2 KL(softmax(p/T) || softmax(q/T)), batch mean [choice: the usual KD distance], T = 4.
+- d(p, q) = T^2 KL(softmax(p/T) || softmax(q/T)), batch mean [choice: the usual KD distance], T = 4
+  (--kd-temperature); in the code `kd_loss(q, p, T)`, the learning side first as in Hinton KD.
 - Y^ens is detached, a target and not a path for gradients [choice: --no-detach-ensemble].
 - alpha = beta = gamma = 1 [choice]; r(t) a linear warm-up of the beta and gamma terms from 0 to 1 over
   the first --ramp-epochs [choice: 20 of 240 epochs, scaled with --epochs like the lr milestones, and 0,
@@ -51,9 +52,6 @@ teacher suffix with activations kept for backward -- about one extra teacher for
 n = 3; `images_per_sec` in metrics.jsonl and summary.json shows it.
 """
 import argparse
-import json
-import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -67,16 +65,6 @@ DEFAULT_RAMP_FRACTION = 20 / 240  # 20 warm-up epochs in the 240-epoch recipe
 
 # ----------------------------------------------------------------------------------------- connectors
 
-def width_and_side(shape):
-    """Per-sample feature shape -> (channels, grid side): maps are (C, H, W), tokens (N, D)."""
-    if len(shape) == 3:
-        assert shape[1] == shape[2], f"non-square feature map {shape}"
-        return shape[0], shape[1]
-    side = math.isqrt(shape[0])
-    assert side * side == shape[0], f"{shape[0]} tokens do not form a square grid"
-    return shape[1], side
-
-
 class Connector(nn.Module):
     """C_i: a student stage output -> the form, grid size and width the teacher's next stage expects.
 
@@ -86,8 +74,8 @@ class Connector(nn.Module):
 
     def __init__(self, student_shape, teacher_shape, teacher_kind, teacher_activation):
         super().__init__()
-        student_width, _ = width_and_side(student_shape)
-        teacher_width, self.side = width_and_side(teacher_shape)
+        student_width, _ = models.grid_shape(student_shape)
+        teacher_width, self.side = models.grid_shape(teacher_shape)
         self.teacher_kind = teacher_kind
         if teacher_kind == "map":
             layers = [nn.Conv2d(student_width, teacher_width, 1, bias=False), nn.BatchNorm2d(teacher_width)]
@@ -104,14 +92,27 @@ class Connector(nn.Module):
         return self.project(x)
 
 
+def check_frozen_teacher(teacher):
+    """The teacher must be fixed before it is used: in eval mode (in train mode every hybrid batch would move
+    its BatchNorm statistics) and without trainable parameters (an optimizer over them would change it)."""
+    trainable = sum(p.requires_grad for p in teacher.parameters())
+    in_train_mode = sum(m.training for m in teacher.modules())
+    if trainable or in_train_mode:
+        raise ValueError(f"the teacher must be frozen, but {trainable} of its parameter tensors require grad and "
+                         f"{in_train_mode} of its modules are in train mode; call teacher.eval() and "
+                         f"teacher.requires_grad_(False) first")
+
+
 class SteppingStones(nn.Module):
     """The connectors C_i, and N_i's tail T_c . T_n ... T_{i+1} . C_i applied to a student stage-i output.
 
     Only the connectors are submodules: the teacher's stages and head are kept in a plain tuple, so they
-    are neither optimised, nor saved with the connectors, nor switched to train mode by `.train()`."""
+    are neither optimised, nor saved with the connectors, nor switched to train mode by `.train()`. The
+    teacher must be frozen and in eval mode when this is built (checked)."""
 
     def __init__(self, teacher, student, stones, identity_connector=False):
         super().__init__()
+        check_frozen_teacher(teacher)
         self.stones = list(stones)
         self.teacher_parts = tuple(teacher.stages()) + (teacher.head(),)
         self.num_stages = len(self.teacher_parts) - 1
@@ -137,8 +138,9 @@ class SteppingStones(nn.Module):
 
 # ------------------------------------------------------------------------------------------- the loss
 
-def kd_distance(target_logits, logits, temperature):
-    """d(p, q) = T^2 KL(softmax(p/T) || softmax(q/T)), batch mean; p is the target. In float32."""
+def kd_loss(logits, target_logits, temperature):
+    """T^2 KL(softmax(target/T) || softmax(logits/T)), batch mean, in float32: d(p, q) with p = target_logits
+    and q = logits, the side that learns first (as Hinton KD's kd_loss(student, teacher, T) everywhere)."""
     log_q = F.log_softmax(logits.float() / temperature, dim=1)
     p = F.softmax(target_logits.float() / temperature, dim=1)
     return F.kl_div(log_q, p, reduction="batchmean") * temperature ** 2
@@ -155,28 +157,31 @@ def warmup_factor(progress, ramp_epochs):
     return 1.0 if ramp_epochs <= 0 else min(1.0, progress / ramp_epochs)
 
 
-def blockkd_loss(student_logits, teacher_logits, stone_logits, y, args, num_stages, ramp, label_smoothing=0.0):
+def blockkd_loss(student_logits, teacher_logits, stone_logits, y, *, num_stages, ramp, kd_temperature=4.0,
+                 alpha=1.0, beta=1.0, gamma=1.0, detach_ensemble=True, cross_stone_weights=True,
+                 label_smoothing=0.0):
     """L = alpha L_task + ramp (beta L_distill + gamma L_cross); returns (loss, logged terms).
 
-    stone_logits: {i: Y^{N_i}} for the active stepping-stones (1-based i, n = num_stages)."""
-    T = args.temperature
+    stone_logits: {i: Y^{N_i}} for the active stepping-stones (1-based i, n = num_stages); ramp: r(t).
+    The defaults are this file's flags' defaults."""
+    T = kd_temperature
     weights = {i: stone_weight(i, num_stages) for i in stone_logits}
 
     def ce(logits):
         return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
 
     task = ce(student_logits) + sum(weights[i] * ce(z) for i, z in stone_logits.items())
-    distill = kd_distance(teacher_logits, student_logits, T) + sum(
-        weights[i] * kd_distance(teacher_logits, z, T) for i, z in stone_logits.items())
+    distill = kd_loss(student_logits, teacher_logits, T) + sum(
+        weights[i] * kd_loss(z, teacher_logits, T) for i, z in stone_logits.items())
     cross = torch.zeros((), device=student_logits.device)
     if stone_logits:  # without stepping-stones there is no ensemble and L_cross = 0
         ensemble = torch.stack([z.float() for z in stone_logits.values()]).mean(0)
-        if args.detach_ensemble:
+        if detach_ensemble:
             ensemble = ensemble.detach()
-        cross_weights = weights if args.cross_stone_weights else {i: 1.0 for i in stone_logits}
-        cross = kd_distance(ensemble, student_logits, T) + sum(
-            cross_weights[i] * kd_distance(ensemble, z, T) for i, z in stone_logits.items())
-    loss = args.alpha * task + ramp * (args.beta * distill + args.gamma * cross)
+        cross_weights = weights if cross_stone_weights else {i: 1.0 for i in stone_logits}
+        cross = kd_loss(student_logits, ensemble, T) + sum(
+            cross_weights[i] * kd_loss(z, ensemble, T) for i, z in stone_logits.items())
+    loss = alpha * task + ramp * (beta * distill + gamma * cross)
     terms = {"task": task.detach(), "distill": distill.detach(), "cross": cross.detach(),
              "ramp": torch.as_tensor(ramp, dtype=torch.float32, device=student_logits.device)}
     return loss, terms
@@ -210,13 +215,17 @@ def resolve_ramp_epochs(args, stones):
 def make_loss_fn(student, teacher, stepping_stones, args, ramp_epochs, label_smoothing):
     """fit's loss_fn(x, y, progress): student stage features once, teacher logits once without grad,
     then each stepping-stone's teacher suffix with grad."""
+    weights = dict(kd_temperature=args.kd_temperature, alpha=args.alpha, beta=args.beta, gamma=args.gamma,
+                   detach_ensemble=args.detach_ensemble, cross_stone_weights=args.cross_stone_weights,
+                   label_smoothing=label_smoothing)
+
     def loss_fn(x, y, progress):
         with torch.no_grad():
             teacher_logits = teacher(x)
         features, student_logits = models.stage_features(student, x)
         stone_logits = stepping_stones.all_logits(features)
-        return blockkd_loss(student_logits, teacher_logits, stone_logits, y, args, stepping_stones.num_stages,
-                            warmup_factor(progress, ramp_epochs), label_smoothing)
+        return blockkd_loss(student_logits, teacher_logits, stone_logits, y, num_stages=stepping_stones.num_stages,
+                            ramp=warmup_factor(progress, ramp_epochs), **weights)
     return loss_fn
 
 
@@ -231,47 +240,49 @@ def make_eval_fn(student, stepping_stones):
     return eval_fn
 
 
-def train_student(args, data, teacher, student, out_dir=None):
-    """Train `student` (already on the data's device) with Block-KD from the frozen `teacher`; returns
-    fit's summary, with the method's fields added to summary.json."""
-    out_dir = Path(out_dir or args.out_dir)
-    device = data.train_x.device
+def distill(args, data, teacher, student):
+    """Train `student` (already on the data's device) with Block-KD from the frozen `teacher` into
+    args.out_dir; returns fit's summary, which also holds the method's fields."""
     num_stages = len(teacher.stages())
     assert len(student.stages()) == num_stages, "teacher and student need the same number of stages"
     stones = parse_stones(args.stones, num_stages)
     ramp_epochs = resolve_ramp_epochs(args, stones)
-    stepping_stones = SteppingStones(teacher, student, stones, args.identity_connector).to(device)
+    stepping_stones = SteppingStones(teacher, student, stones, args.identity_connector).to(data.train_x.device)
     recipe = common.make_recipe(args, models.model_family(student.arch), model_name=student.arch)
     connector_params = common.count_params(stepping_stones)
     common.log(f"Block-KD: stepping-stones {stones or 'none'} (weights "
                f"{[stone_weight(i, num_stages) for i in stones]}), {connector_params:,} connector parameters, "
-               f"T {args.temperature}, alpha {args.alpha}, beta {args.beta}, gamma {args.gamma}, "
+               f"T {args.kd_temperature}, alpha {args.alpha}, beta {args.beta}, gamma {args.gamma}, "
                f"warm-up {ramp_epochs:g} epochs")
-    summary = common.fit(args, data, student, out_dir, recipe,
-                         loss_fn=make_loss_fn(student, teacher, stepping_stones, args, ramp_epochs,
-                                              recipe["label_smoothing"]),
-                         train_modules=[student, stepping_stones],
-                         eval_fn=make_eval_fn(student, stepping_stones),
-                         title=f"Block-KD {teacher.arch} -> {student.arch}")
-    history = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    summary["blockwise_kd"] = {
+    method_fields = {"method": "blockwise_kd", "blockwise_kd": {
         "stones": stones, "stone_weights": {str(i): stone_weight(i, num_stages) for i in stones},
         "ramp_epochs": ramp_epochs, "connector_params": connector_params,
         "connectors": {i: type(c).__name__ for i, c in stepping_stones.connectors.items()},
-        "teacher": teacher.arch, "teacher_params": common.count_params(teacher),
-        "mean_images_per_sec": sum(h["images_per_sec"] for h in history) / max(1, len(history)),
-    }
-    with open(out_dir / "summary.json", "w") as f:
-        json.dump(summary, f, indent=1, default=str)
-    return summary
+        "teacher": teacher.arch, "teacher_params": common.count_params(teacher)}}
+    return common.fit(student, data, args.out_dir, recipe,
+                      loss_fn=make_loss_fn(student, teacher, stepping_stones, args, ramp_epochs,
+                                           recipe["label_smoothing"]),
+                      train_modules=[student, stepping_stones],
+                      eval_fn=make_eval_fn(student, stepping_stones),
+                      title=f"Block-KD {teacher.arch} -> {student.arch}", summary_fields=method_fields,
+                      **common.run_options(args))
+
+
+def stones_flag(text):
+    """--stones, checked when parsed: every model of the zoo has three stages."""
+    try:
+        parse_stones(text, 3)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--stones ")) from None
+    return text
 
 
 def add_args(parser):
     """Block-KD's own flags; every [choice] of the method is one of them."""
     g = parser.add_argument_group("Block-KD")
-    g.add_argument("--stones", default="all", metavar="LIST",
+    g.add_argument("--stones", type=stones_flag, default="all", metavar="LIST",
                    help="stepping-stones N_i in the loss: all (default), none (plain KD), or a comma list like 1,3")
-    g.add_argument("--temperature", "-T", type=common.positive_float, default=4.0, metavar="T",
+    g.add_argument("--kd-temperature", "-T", type=common.positive_float, default=4.0, metavar="T",
                    help="KD temperature T of d(p, q) (default 4)")
     g.add_argument("--alpha", type=common.nonnegative_float, default=1.0,
                    help="weight of L_task, the cross-entropy terms (default 1)")
@@ -300,17 +311,11 @@ def main(argv=None):
     common.add_distill_args(parser)
     add_args(parser)
     args = parser.parse_args(argv)
-    with torch.device("meta"):  # no memory, no initialisation: only the number of stages (3 in the whole zoo)
-        num_stages = len(models.create_model(args.student, 10).stages())
-    try:  # before common.load_teacher, which may first train a missing teacher for --teacher-epochs
-        parse_stones(args.stones, num_stages)
-    except ValueError as error:
-        parser.error(str(error))
     device, data = common.setup(args, f"blockwise_kd_{args.teacher}_{args.student}", parser)
     teacher = common.load_teacher(args, data)
     torch.manual_seed(args.seed)
     student = common.build_model(args.student, data.num_classes, device)
-    train_student(args, data, teacher, student)
+    distill(args, data, teacher, student)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,10 @@ Fast paths, decided in one place (`fast_paths`) and named in every run's first l
 wherever the installed torch has one for the device. On CUDA, TF32 is allowed for float32 matmuls and
 convolutions, and cuDNN picks its algorithms by benchmark (`--deterministic` switches both to
 reproducible choices).
+
+Sections, in order: data; recipes (the RECIPES table); the loop (`fit`, which a method calls with its
+loss_fn, train_modules and eval_fn); fast paths; checkpoints; run folders; command line; then, under their
+own banner, conveniences (architecture identification, image folders, automatic teacher training); `main`.
 """
 import argparse
 import hashlib
@@ -36,11 +40,11 @@ import torch.nn.functional as F
 
 from models import DEFAULT_LR, MODEL_NAMES, classifier, create_model, model_family, state_dict_classes
 
+
 NORMALIZATION = {  # the benchmark's per-channel mean and std
     "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
 def log(message):
@@ -97,70 +101,6 @@ def load_cifar(name, data_dir):
                     f"--data-dir DIR where it is, or use --dataset folder/synthetic.") from None
         splits += [torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)]
     return splits, len(ds.classes)
-
-
-def read_image(path):
-    """One image file as an RGB 32x32 uint8 array (H, W, 3)."""
-    from PIL import Image  # torchvision depends on Pillow
-
-    with Image.open(path) as img:
-        img = img.convert("RGB")  # decodes the whole file: a truncated one fails here
-        if img.size != (32, 32):
-            img = img.resize((32, 32), Image.BILINEAR)
-        return np.asarray(img)
-
-
-def unreadable_reason(path, error):
-    """Why `read_image(path)` failed, in a few words."""
-    from PIL import UnidentifiedImageError
-
-    if path.stat().st_size == 0:
-        return "empty file"
-    if isinstance(error, UnidentifiedImageError):
-        return "not an image format Pillow can read"
-    return "cannot be decoded: " + (" ".join(str(error).split())[:100] or type(error).__name__)
-
-
-def load_image_folder(root):
-    """`root/train/<class>/*` and `root/test/<class>/*`, any size and mode, as RGB 32x32 uint8.
-
-    Both splits must have the same class folders, and every image file must be readable: a run refuses
-    rather than skips, so that a benchmark never trains or tests on fewer images than the folder holds."""
-    root = Path(root).expanduser()
-    if not (root / "train").is_dir() or not (root / "test").is_dir():
-        raise SystemExit(f"error: {root}/ has no train/ and test/ folders of class sub-folders. For the "
-                         f"CIFAR-10 images: mkdir -p {root} && tar -xzf ../shared/data/cifar10_jpeg.tar.gz -C {root}")
-    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
-    test_classes = sorted(d.name for d in (root / "test").iterdir() if d.is_dir())
-    if classes != test_classes:
-        only_train = sorted(set(classes) - set(test_classes))
-        only_test = sorted(set(test_classes) - set(classes))
-        raise SystemExit(f"error: {root}/train/ and {root}/test/ have different classes: only in train/: "
-                         f"{', '.join(only_train) or 'none'}; only in test/: {', '.join(only_test) or 'none'}")
-    splits, unreadable, total = {}, [], 0
-    for split in ("train", "test"):
-        images, labels = [], []
-        for label, cls in enumerate(classes):
-            for path in sorted((root / split / cls).iterdir()):
-                if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                    continue
-                total += 1
-                try:
-                    images.append(read_image(path))
-                    labels.append(label)
-                except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, ... by format
-                    unreadable.append((path, unreadable_reason(path, error)))
-        splits[split] = images, labels
-    if unreadable:
-        path, reason = unreadable[0]
-        raise SystemExit(f"error: cannot read {path} ({reason}); {len(unreadable)} of the {total} image files "
-                         f"under {root}/ cannot be read in all. Replace or delete them: a run does not skip images")
-    tensors = []
-    for split, (images, labels) in splits.items():
-        if not images:
-            raise SystemExit(f"error: no images found under {root / split}/<class>/")
-        tensors += [torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)]
-    return tensors, len(classes)
 
 
 def make_synthetic(num_classes=10, train_size=10000, test_size=2000, seed=1234):
@@ -258,20 +198,26 @@ def test_batches(data, batch_size=500, channels_last=False):
 
 # ------------------------------------------------------------------------------------------- recipes
 
-def make_recipe(args, family, epochs=None, use_overrides=True, model_name=None):
-    """The training recipe for a model family; flags given on the command line override it.
+# The training recipe of each model family. cnn: the CIFAR benchmark's SGD recipe, x0.1 at 62.5/75/87.5 % of
+# the epochs (150/180/210 of 240), with the benchmark's per-model lr where it differs (models.DEFAULT_LR:
+# MobileNetV2/ShuffleV1/ShuffleV2 0.01). token (ViT/Mixer): AdamW, cosine after a linear warm-up of
+# min(5, epochs // 10) epochs (None here), label smoothing 0.1. The --help of the recipe flags reads from here.
+RECIPES = {
+    "cnn": dict(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=64, schedule="step",
+                lr_decay=0.1, warmup_epochs=0, label_smoothing=0.0),
+    "token": dict(optimizer="adamw", lr=1e-3, momentum=0.9, weight_decay=0.05, batch_size=128, schedule="cosine",
+                  lr_decay=0.1, warmup_epochs=None, label_smoothing=0.1),
+}
+MILESTONE_FRACTIONS = (0.625, 0.75, 0.875)
 
-    cnn: the CIFAR benchmark's SGD recipe (lr 0.05, momentum 0.9, wd 5e-4, batch 64, x0.1 at 62.5/75/87.5 %
-    of the epochs, i.e. 150/180/210 of 240; rounded, and a milestone that rounds onto another is dropped, so
-    no epoch decays twice: 5 epochs give [3, 4], not [3, 4, 4], which ran the last epoch at lr x 0.001); the benchmark's MobileNetV2/ShuffleV1/ShuffleV2 use lr 0.01
-    (models.DEFAULT_LR, picked by `model_name`). token (ViT/Mixer): AdamW lr 1e-3, wd 0.05, batch 128,
-    cosine with linear warm-up (5 epochs, at most a tenth of the run), label smoothing 0.1."""
-    if family == "cnn":
-        recipe = dict(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=64,
-                      schedule="step", lr_decay=0.1, warmup_epochs=0, label_smoothing=0.0)
-    else:
-        recipe = dict(optimizer="adamw", lr=1e-3, momentum=0.9, weight_decay=0.05, batch_size=128,
-                      schedule="cosine", lr_decay=0.1, warmup_epochs=None, label_smoothing=0.1)
+
+def make_recipe(args, family, epochs=None, use_overrides=True, model_name=None):
+    """RECIPES[family] for `epochs` (default --epochs), with `model_name`'s lr from models.DEFAULT_LR, and
+    the recipe flags given on the command line on top (unless use_overrides is False).
+
+    Milestones are rounded and distinct: a milestone that rounds onto another is dropped, so no epoch decays
+    twice (5 epochs give [3, 4], not [3, 4, 4], which ran the last epoch at lr x 0.001)."""
+    recipe = dict(RECIPES[family])
     recipe.update(epochs=epochs or args.epochs, milestones=None, grad_clip=0.0)
     recipe["lr"] = DEFAULT_LR.get(model_name, recipe["lr"])
     if use_overrides:
@@ -279,7 +225,7 @@ def make_recipe(args, family, epochs=None, use_overrides=True, model_name=None):
     if recipe["warmup_epochs"] is None:
         recipe["warmup_epochs"] = min(5, recipe["epochs"] // 10)
     if recipe["milestones"] is None:  # distinct: in a short run two fractions can round to one epoch
-        recipe["milestones"] = sorted({round(recipe["epochs"] * f) for f in (0.625, 0.75, 0.875)})
+        recipe["milestones"] = sorted({round(recipe["epochs"] * f) for f in MILESTONE_FRACTIONS})
     return recipe
 
 
@@ -301,6 +247,208 @@ def make_optimizer(recipe, params, fused=False):
         return torch.optim.SGD(params, lr=recipe["lr"], momentum=recipe["momentum"],
                                weight_decay=recipe["weight_decay"], fused=fused)
     return torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=recipe["weight_decay"], fused=fused)
+
+
+# --------------------------------------------------------------------------------------- the loop
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def build_model(name, num_classes, device):
+    """A fresh model on `device` (fit puts it in channels_last where the fast paths say so)."""
+    return create_model(name, num_classes).to(device)
+
+
+def format_seconds(s):
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def classification_loss(model, label_smoothing):
+    """fit's default loss_fn: cross-entropy of the model's logits, no logged terms."""
+    def loss_fn(x, y, progress):
+        return F.cross_entropy(model(x), y, label_smoothing=label_smoothing), {}
+    return loss_fn
+
+
+def default_eval(model):
+    def evaluate(x, y):
+        return {"test_acc": 100.0 * (model(x).argmax(1) == y).float().mean()}
+    return evaluate
+
+
+def fit(model, data, out_dir, recipe, *, seed, loss_fn=None, train_modules=None, eval_fn=None, fast=None,
+        resume=False, eval_every=1, log_every=30.0, title="", summary_fields=None, config=None):
+    """Train and evaluate `model` on `data` with `recipe` (see make_recipe) into `out_dir`; return the summary.
+
+    model: the network that is evaluated and saved as `model.pth` (the student).
+    seed: the seed of the batches' order and augmentation (the caller seeds the initialisation).
+    loss_fn(x, y, progress) -> (loss, {name: scalar tensor}): the training objective; `progress` is the
+        float epoch (a 0-dim tensor under --compile: use it in arithmetic and min/max only). The named
+        terms are averaged over the epoch and logged. Default: cross-entropy.
+    train_modules: the modules put in train mode each epoch and whose trainable parameters are optimised
+        (default [model]); everything else stays in eval mode, a teacher or frozen stages for example.
+        Their state goes into the resumable checkpoint (connectors, projectors), not into `model.pth`.
+    eval_fn(x, y) -> {name: batch-mean tensor}: test metrics, averaged over the test set; 'test_acc' (in %)
+        is tracked for best/last accuracy when present. Default: the model's accuracy.
+    fast: the speed settings of `fast_paths` (default: the device's defaults); resume: continue from
+        out_dir/checkpoint.pt if there is one; eval_every, log_every: as the flags of those names.
+    summary_fields: extra entries of summary.json (a method's own record); config: the run's flags, for it.
+    """
+    out_dir = Path(out_dir)
+    ensure_writable(out_dir, "the run folder")
+    lock_dir(out_dir, "the run folder")  # a teacher run under checkpoints/; a script's --out-dir is locked already
+    device = data.train_x.device
+    train_modules = train_modules or [model]
+    eval_fn = eval_fn or default_eval(model)
+    loss_fn = loss_fn or classification_loss(model, recipe["label_smoothing"])
+    fast = fast or fast_paths(None, device)
+    optimizer, train_step = prepare_training(model, train_modules, loss_fn, recipe, fast, device)
+    checkpoint_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.jsonl"
+    # What this loop trains: a checkpoint of anything else (another length, model, seed or data) is not resumed.
+    identity = json.loads(json.dumps({"model": model.arch, "seed": seed, "data": data.fingerprint, **recipe}))
+    start_epoch, best_acc, best_epoch, history = 0, None, None, []
+    if resume and checkpoint_path.exists():
+        start_epoch, best_acc, best_epoch, history = restore_checkpoint(
+            checkpoint_path, identity, model, train_modules, optimizer, device)
+        log(f"resumed {out_dir} at epoch {start_epoch}/{recipe['epochs']}")
+    with open(metrics_path, "w") as f:  # rewritten from the checkpoint's history: no duplicate epochs after a resume
+        f.writelines(json.dumps(h) + "\n" for h in history)
+
+    steps_per_epoch = math.ceil(len(data.train_y) / recipe["batch_size"])
+    run_start = time.time()
+    log(f"{title or model.arch}: {recipe['epochs']} epochs x {steps_per_epoch} steps, batch {recipe['batch_size']}, "
+        f"{recipe['optimizer']} lr {recipe['lr']}, {count_params(model):,} params, device {device}; {describe(fast)}")
+    for epoch in range(start_epoch, recipe["epochs"]):
+        model.eval()
+        for module in train_modules:
+            module.train()
+        progress_line = ProgressLine(epoch, recipe, steps_per_epoch, log_every, checkpoint_path)
+        loss_sum = torch.zeros((), device=device)
+        term_sums, seen = {}, 0
+        for step, (x, y) in enumerate(train_batches(data, recipe["batch_size"], seed, epoch, fast.channels_last)):
+            progress = epoch + step / steps_per_epoch
+            lr = learning_rate(recipe, progress)
+            loss, terms = train_step(x, y, progress, lr)
+            # Sums stay on the device: no host sync per step.
+            loss_sum += loss.float() * len(y)
+            for name, value in terms.items():
+                term_sums[name] = term_sums.get(name, 0) + value.float() * len(y)
+            seen += len(y)
+            progress_line.maybe_log(step, loss_sum, seen)
+        check_finite(loss_sum, epoch, checkpoint_path)
+        train_seconds = time.time() - progress_line.start
+        row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / seen, "lr": lr,
+               "images_per_sec": seen / train_seconds}
+        row.update({name: value.item() / seen for name, value in term_sums.items()})
+        if (epoch + 1) % eval_every == 0 or epoch + 1 == recipe["epochs"]:
+            row.update(evaluate(data, eval_fn, model, train_modules, fast))
+        row["seconds"] = time.time() - progress_line.start
+        if "test_acc" in row and (best_acc is None or row["test_acc"] > best_acc):
+            best_acc, best_epoch = row["test_acc"], epoch + 1
+        history.append(row)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        save_atomic({"model": model.state_dict(), "train_modules": [m.state_dict() for m in train_modules],
+                     "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "best_acc": best_acc,
+                     "best_epoch": best_epoch, "history": history, "identity": identity}, checkpoint_path)
+        last_checkpoint.update(path=checkpoint_path, epoch=epoch + 1, epochs=recipe["epochs"])
+        log_epoch(row, recipe["epochs"], history)
+
+    summary = write_summary(out_dir, model, data, recipe, history, best_acc, best_epoch, fast,
+                            {**(summary_fields or {}), **({"config": config} if config is not None else {})})
+    log(f"done in {format_seconds(time.time() - run_start)}: last acc {summary['last_acc']}, best {best_acc} "
+        f"(epoch {best_epoch}) -> {out_dir}")
+    return summary
+
+
+def run_options(args):
+    """fit's keyword arguments that a script's command line sets: `fit(..., **run_options(args))`."""
+    return dict(seed=args.seed, resume=args.resume, eval_every=args.eval_every, log_every=args.log_every,
+                fast=fast_paths(args, torch.device(args.device)), config=vars(args))
+
+
+def restore_checkpoint(path, identity, model, train_modules, optimizer, device):
+    """Load fit's checkpoint.pt into the model, train modules and optimizer, after checking it is a checkpoint
+    of the same training (`identity`); returns (epoch, best_acc, best_epoch, history)."""
+    state = load_checkpoint(path, device)
+    differences = config_differences(state.get("identity", identity), identity)
+    if differences:
+        raise SystemExit(f"error: {path} is from another training run ({'; '.join(differences)}); "
+                         f"nothing was changed. Delete its folder to train afresh, or choose another folder")
+    model.load_state_dict(state["model"])
+    for module, module_state in zip(train_modules, state["train_modules"]):
+        module.load_state_dict(module_state)
+    optimizer.load_state_dict(state["optimizer"])
+    return state["epoch"], state["best_acc"], state["best_epoch"], state["history"]
+
+
+class ProgressLine:
+    """Within an epoch, a line with loss, speed and ETA every `log_every` seconds (not after the last step)."""
+
+    def __init__(self, epoch, recipe, steps_per_epoch, log_every, checkpoint_path):
+        self.epoch, self.recipe, self.steps, self.log_every = epoch, recipe, steps_per_epoch, log_every
+        self.checkpoint_path = checkpoint_path
+        self.start = self.last_print = time.time()
+
+    def maybe_log(self, step, loss_sum, seen):
+        if time.time() - self.last_print <= self.log_every or step + 1 >= self.steps:
+            return
+        self.last_print = time.time()
+        check_finite(loss_sum, self.epoch, self.checkpoint_path)
+        speed = seen / (self.last_print - self.start)
+        epoch_seconds = self.steps * self.recipe["batch_size"] / speed
+        eta = epoch_seconds * (self.recipe["epochs"] - self.epoch) - (self.last_print - self.start)
+        log(f"  epoch {self.epoch + 1} step {step + 1}/{self.steps} loss {loss_sum.item() / seen:.4f} "
+            f"{speed:.0f} img/s ETA {format_seconds(eta)} (training only)")
+
+
+def log_epoch(row, epochs, history):
+    """The line of an ended epoch: its metrics, lr, speed, time, and the ETA of the run."""
+    eta = (epochs - row["epoch"]) * sum(h["seconds"] for h in history) / len(history)
+    shown = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "lr", "images_per_sec", "seconds"))
+    log(f"epoch {row['epoch']}/{epochs} {shown} lr {row['lr']:.4g} {row['images_per_sec']:.0f} img/s "
+        f"{row['seconds']:.1f}s ETA {format_seconds(eta)}")
+
+
+def write_summary(out_dir, model, data, recipe, history, best_acc, best_epoch, fast, fields):
+    """model.pth (when the last epoch was evaluated) and summary.json; returns the summary."""
+    last = history[-1] if history else {}
+    if "test_acc" in last:
+        save_atomic(model_file(model, recipe["epochs"], last["test_acc"], data), Path(out_dir) / "model.pth")
+    summary = {"last_acc": last.get("test_acc"), "best_acc": best_acc, "best_epoch": best_epoch,
+               "epochs": recipe["epochs"], "params": count_params(model),
+               "seconds": sum(h["seconds"] for h in history),
+               "mean_images_per_sec": sum(h["images_per_sec"] for h in history) / max(1, len(history)),
+               "evaluated_epochs": [h["epoch"] for h in history if "test_acc" in h],
+               "last_epoch": last, "recipe": recipe, "fast_paths": vars(fast), "data": data.fingerprint, **fields}
+    with open(Path(out_dir) / "summary.json", "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+    return summary
+
+
+last_checkpoint = {}  # path, epoch, epochs of the newest checkpoint this process wrote (for the Ctrl-C line)
+
+
+def check_finite(loss_sum, epoch, checkpoint_path):
+    if not torch.isfinite(loss_sum):
+        kept = f"the last good checkpoint {checkpoint_path} is intact" if checkpoint_path.exists() else "no checkpoint was written"
+        raise FloatingPointError(f"the training loss became NaN/inf in epoch {epoch + 1}; stopped ({kept}). "
+                                 f"Lower the learning rate or the loss weights, then rerun with --resume.")
+
+
+@torch.no_grad()
+def evaluate(data, eval_fn, model, train_modules, fast):
+    model.eval()
+    for module in train_modules:
+        module.eval()
+    sums, n = {}, 0
+    with torch.autocast(data.test_x.device.type, dtype=torch.bfloat16, enabled=fast.amp):
+        for x, y in test_batches(data, channels_last=fast.channels_last):
+            for name, value in eval_fn(x, y).items():
+                sums[name] = sums.get(name, 0) + value.float() * len(y)
+            n += len(y)
+    return {name: value.item() / n for name, value in sums.items()}
 
 
 # ------------------------------------------------------------------------------------------ fast paths
@@ -327,10 +475,11 @@ def fast_paths(args, device):
     fused: the single-kernel SGD/AdamW update wherever torch has one for the device (not a flag; on CPU it
         changes results only at float-rounding level and saves under 1 % of a step)."""
     cuda = device.type == "cuda"
+    amp, channels_last = getattr(args, "amp", None), getattr(args, "channels_last", None)
     return argparse.Namespace(
-        amp=(args.amp or ("bf16" if cuda else "off")) == "bf16",
-        channels_last=True if args.channels_last is None else args.channels_last,
-        compile=args.compile,
+        amp=(amp or ("bf16" if cuda else "off")) == "bf16",
+        channels_last=True if channels_last is None else channels_last,
+        compile=getattr(args, "compile", None),
         fused=fused_optimizer_available(device))
 
 
@@ -395,18 +544,6 @@ def save_atomic(obj, path):
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
-
-
-def identify_architecture(state_dict):
-    """The zoo name whose state_dict keys and shapes match, or None. Builds models on the meta device."""
-    num_classes = state_dict_classes(state_dict) or 100
-    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
-    for name in MODEL_NAMES:
-        with torch.device("meta"):
-            reference = create_model(name, num_classes).state_dict()
-        if {k: tuple(v.shape) for k, v in reference.items()} == shapes:
-            return name
-    return None
 
 
 def load_weights(model, path):
@@ -579,220 +716,6 @@ def save_json(obj, path):
     os.replace(tmp, path)
 
 
-# --------------------------------------------------------------------------------------- the loop
-
-def count_params(module):
-    return sum(p.numel() for p in module.parameters())
-
-
-def build_model(name, num_classes, device):
-    """A fresh model on `device` (fit puts it in channels_last where the fast paths say so)."""
-    return create_model(name, num_classes).to(device)
-
-
-def format_seconds(s):
-    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
-
-
-def classification_loss(model, label_smoothing):
-    """fit's default loss_fn: cross-entropy of the model's logits, no logged terms."""
-    def loss_fn(x, y, progress):
-        return F.cross_entropy(model(x), y, label_smoothing=label_smoothing), {}
-    return loss_fn
-
-
-def default_eval(model):
-    def evaluate(x, y):
-        return {"test_acc": 100.0 * (model(x).argmax(1) == y).float().mean()}
-    return evaluate
-
-
-def fit(args, data, model, out_dir, recipe, loss_fn=None, train_modules=None, eval_fn=None, title=""):
-    """Train and evaluate `model`; return the summary dict.
-
-    model: the network that is evaluated and saved as `model.pth` (the student).
-    train_modules: the modules put in train mode each epoch and whose trainable parameters are optimised
-        (default [model]); everything else stays in eval mode, a teacher or frozen stages for example.
-        Their state goes into the resumable checkpoint (connectors, projectors), not into `model.pth`.
-    loss_fn(x, y, progress) -> (loss, {name: scalar tensor}): the training objective; `progress` is the
-        float epoch (a 0-dim tensor under --compile: use it in arithmetic and min/max only). The named
-        terms are averaged over the epoch and logged. Default: cross-entropy.
-    eval_fn(x, y) -> {name: batch-mean tensor}: test metrics, averaged over the test set; 'test_acc' (in %)
-        is tracked for best/last accuracy when present. Default: the model's accuracy.
-    """
-    out_dir = Path(out_dir)
-    ensure_writable(out_dir, "the run folder")
-    lock_dir(out_dir, "the run folder")  # a teacher run under checkpoints/; a script's --out-dir is locked already
-    device = data.train_x.device
-    train_modules = train_modules or [model]
-    eval_fn = eval_fn or default_eval(model)
-    loss_fn = loss_fn or classification_loss(model, recipe["label_smoothing"])
-    fast = fast_paths(args, device)
-    optimizer, train_step = prepare_training(model, train_modules, loss_fn, recipe, fast, device)
-
-    checkpoint_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.jsonl"
-    # What this loop trains: a checkpoint of anything else (another length, model, seed or data) is not resumed.
-    identity = json.loads(json.dumps({"model": model.arch, "seed": args.seed, "data": data.fingerprint, **recipe}))
-    start_epoch, best_acc, best_epoch, history = 0, None, None, []
-    if args.resume and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path, device)
-        differences = config_differences(state.get("identity", identity), identity)
-        if differences:
-            raise SystemExit(f"error: {checkpoint_path} is from another training run ({'; '.join(differences)}); "
-                             f"nothing was changed. Delete its folder to train afresh, or choose another folder")
-        model.load_state_dict(state["model"])
-        for module, module_state in zip(train_modules, state["train_modules"]):
-            module.load_state_dict(module_state)
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, best_acc, best_epoch, history = state["epoch"], state["best_acc"], state["best_epoch"], state["history"]
-        log(f"resumed {out_dir} at epoch {start_epoch}/{recipe['epochs']}")
-    with open(metrics_path, "w") as f:  # rewritten from the checkpoint's history: no duplicate epochs after a resume
-        f.writelines(json.dumps(h) + "\n" for h in history)
-
-    steps_per_epoch = math.ceil(len(data.train_y) / recipe["batch_size"])
-    run_start = time.time()
-    trained_seconds = sum(h["seconds"] for h in history)
-    log(f"{title or model.arch}: {recipe['epochs']} epochs x {steps_per_epoch} steps, batch {recipe['batch_size']}, "
-        f"{recipe['optimizer']} lr {recipe['lr']}, {count_params(model):,} params, device {device}; {describe(fast)}")
-    for epoch in range(start_epoch, recipe["epochs"]):
-        model.eval()
-        for module in train_modules:
-            module.train()
-        epoch_start = last_print = time.time()
-        loss_sum = torch.zeros((), device=device)
-        term_sums, seen = {}, 0
-        for step, (x, y) in enumerate(train_batches(data, recipe["batch_size"], args.seed, epoch, fast.channels_last)):
-            progress = epoch + step / steps_per_epoch
-            lr = learning_rate(recipe, progress)
-            loss, terms = train_step(x, y, progress, lr)
-            # Sums stay on the device: no host sync per step.
-            loss_sum += loss.float() * len(y)
-            for name, value in terms.items():
-                term_sums[name] = term_sums.get(name, 0) + value.float() * len(y)
-            seen += len(y)
-            if time.time() - last_print > args.log_every and step + 1 < steps_per_epoch:
-                last_print = time.time()
-                check_finite(loss_sum, epoch, checkpoint_path)
-                speed = seen / (last_print - epoch_start)
-                epoch_seconds = steps_per_epoch * recipe["batch_size"] / speed
-                eta = epoch_seconds * (recipe["epochs"] - epoch) - (last_print - epoch_start)
-                log(f"  epoch {epoch + 1} step {step + 1}/{steps_per_epoch} loss {loss_sum.item() / seen:.4f} "
-                    f"{speed:.0f} img/s ETA {format_seconds(eta)} (training only)")
-        check_finite(loss_sum, epoch, checkpoint_path)
-        train_seconds = time.time() - epoch_start
-        row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / seen, "lr": lr,
-               "images_per_sec": seen / train_seconds}
-        row.update({name: value.item() / seen for name, value in term_sums.items()})
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == recipe["epochs"]:
-            row.update(evaluate(data, eval_fn, model, train_modules, fast))
-        row["seconds"] = time.time() - epoch_start
-        trained_seconds += row["seconds"]
-        if "test_acc" in row and (best_acc is None or row["test_acc"] > best_acc):
-            best_acc, best_epoch = row["test_acc"], epoch + 1
-        history.append(row)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        save_atomic({"model": model.state_dict(), "train_modules": [m.state_dict() for m in train_modules],
-                     "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "best_acc": best_acc,
-                     "best_epoch": best_epoch, "history": history, "identity": identity}, checkpoint_path)
-        last_checkpoint.update(path=checkpoint_path, epoch=epoch + 1, epochs=recipe["epochs"])
-        eta = (recipe["epochs"] - epoch - 1) * trained_seconds / len(history)
-        shown = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "lr", "images_per_sec", "seconds"))
-        log(f"epoch {epoch + 1}/{recipe['epochs']} {shown} lr {lr:.4g} {row['images_per_sec']:.0f} img/s "
-            f"{row['seconds']:.1f}s ETA {format_seconds(eta)}")
-
-    last = history[-1] if history else {}
-    if "test_acc" in last:
-        save_atomic(model_file(model, recipe["epochs"], last["test_acc"], data), out_dir / "model.pth")
-    summary = {"last_acc": last.get("test_acc"), "best_acc": best_acc, "best_epoch": best_epoch,
-               "epochs": recipe["epochs"], "params": count_params(model), "seconds": trained_seconds,
-               "evaluated_epochs": [h["epoch"] for h in history if "test_acc" in h],
-               "last_epoch": last, "recipe": recipe, "fast_paths": vars(fast), "config": vars(args),
-               "data": data.fingerprint}
-    with open(out_dir / "summary.json", "w") as f:
-        json.dump(summary, f, indent=1, default=str)
-    log(f"done in {format_seconds(time.time() - run_start)}: last acc {summary['last_acc']}, best {best_acc} "
-        f"(epoch {best_epoch}) -> {out_dir}")
-    return summary
-
-
-last_checkpoint = {}  # path, epoch, epochs of the newest checkpoint this process wrote (for the Ctrl-C line)
-
-
-def check_finite(loss_sum, epoch, checkpoint_path):
-    if not torch.isfinite(loss_sum):
-        kept = f"the last good checkpoint {checkpoint_path} is intact" if checkpoint_path.exists() else "no checkpoint was written"
-        raise FloatingPointError(f"the training loss became NaN/inf in epoch {epoch + 1}; stopped ({kept}). "
-                                 f"Lower the learning rate or the loss weights, then rerun with --resume.")
-
-
-@torch.no_grad()
-def evaluate(data, eval_fn, model, train_modules, fast):
-    model.eval()
-    for module in train_modules:
-        module.eval()
-    sums, n = {}, 0
-    with torch.autocast(data.test_x.device.type, dtype=torch.bfloat16, enabled=fast.amp):
-        for x, y in test_batches(data, channels_last=fast.channels_last):
-            for name, value in eval_fn(x, y).items():
-                sums[name] = sums.get(name, 0) + value.float() * len(y)
-            n += len(y)
-    return {name: value.item() / n for name, value in sums.items()}
-
-
-# ------------------------------------------------------------------------------------------ teacher
-
-def teacher_path(args, data, name):
-    """Where a teacher of this data is cached: checkpoints/<data>/<name>.pth (see dataset_tag)."""
-    return Path(args.checkpoint_dir) / dataset_tag(args, data) / f"{name}.pth"
-
-
-def teacher_candidates(args, data):
-    root = Path(args.checkpoint_dir)
-    paths = [teacher_path(args, data, args.teacher)]
-    if args.dataset == "cifar100" and not args.train_subset:  # the public benchmark layout
-        paths += [root / f"{args.teacher}_vanilla" / "ckpt_epoch_240.pth",
-                  root / "cifar_teachers" / f"{args.teacher}_vanilla" / "ckpt_epoch_240.pth"]
-    return paths
-
-
-def load_teacher(args, data):
-    """The frozen teacher in eval mode: from --teacher-ckpt, else from checkpoints/, else trained first."""
-    device = data.train_x.device
-    teacher = build_model(args.teacher, data.num_classes, device)
-    candidates = teacher_candidates(args, data)
-    path = args.teacher_ckpt or next((p for p in candidates if p.exists()), None)
-    if path is None:
-        target = candidates[0]
-        log(f"no {args.teacher} teacher checkpoint for {dataset_tag(args, data)} (looked for "
-            f"{', '.join(map(str, candidates))}); training it first with the standard "
-            f"{model_family(args.teacher)} recipe for {args.teacher_epochs} epochs -> {target}")
-        recipe = make_recipe(args, model_family(args.teacher), epochs=args.teacher_epochs, use_overrides=False,
-                             model_name=args.teacher)
-        torch.manual_seed(args.seed)
-        # A killed teacher run continues; one of another length or seed has its own folder.
-        teacher_args = argparse.Namespace(**{**vars(args), "resume": True})
-        run_dir = target.parent / f"{args.teacher}_run_{args.teacher_epochs}ep_seed{args.seed}"
-        fit(teacher_args, data, teacher, run_dir, recipe, title=f"teacher {args.teacher}")
-        os.replace(run_dir / "model.pth", target)
-        path = target
-    checkpoint = load_weights(teacher, path)
-    trained_on = checkpoint.get("data")
-    if trained_on and trained_on != data.fingerprint:
-        if path == candidates[0]:  # our cache must hold this data's teacher
-            raise SystemExit(f"error: {path} was trained on other data (fingerprint {trained_on}, this run's "
-                             f"data {data.fingerprint}); move it away, or pass the teacher with --teacher-ckpt")
-        log(f"warning: teacher {path} was trained on other data than this run's (fingerprint {trained_on}, "
-            f"this data {data.fingerprint}; a subset of its data, for example)")
-    log(f"teacher {args.teacher} from {path} (epoch {checkpoint.get('epoch')}, accuracy {checkpoint.get('accuracy')})")
-    if fast_paths(args, device).channels_last:
-        teacher.to(memory_format=torch.channels_last)
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
-
-
 # ------------------------------------------------------------------------------------- command line
 
 def number(text, kind, is_valid, description):
@@ -847,6 +770,11 @@ def device_name(text):
     return text
 
 
+def family_defaults(key):
+    """'cnn 64, token 128': a recipe entry's default by family, for --help (from RECIPES)."""
+    return ", ".join(f"{family} {recipe[key]}" for family, recipe in RECIPES.items())
+
+
 def add_common_args(parser):
     """Flags every script shares: data, recipe, output, device. Recipe flags left unset take the model
     family's default (see make_recipe)."""
@@ -859,18 +787,21 @@ def add_common_args(parser):
                    help="train on a class-balanced subset of N images (fixed choice, same for every seed)")
     g = parser.add_argument_group("training recipe (unset: the student family's default)")
     g.add_argument("--epochs", type=positive_int, default=240, help="training epochs (default 240)")
-    g.add_argument("--batch-size", type=positive_int, help="batch size (cnn 64, token 128)")
-    g.add_argument("--lr", type=positive_float,
-                   help="peak learning rate (cnn 0.05, MobileNetV2/ShuffleV1/V2 0.01, token 1e-3)")
-    g.add_argument("--optimizer", choices=["sgd", "adamw"], help="cnn sgd, token adamw")
-    g.add_argument("--momentum", type=fraction, help="SGD momentum (0.9)")
-    g.add_argument("--weight-decay", type=nonnegative_float, help="weight decay (cnn 5e-4, token 0.05)")
-    g.add_argument("--schedule", choices=["step", "cosine"], help="cnn step, token cosine")
+    g.add_argument("--batch-size", type=positive_int, help=f"batch size ({family_defaults('batch_size')})")
+    g.add_argument("--lr", type=positive_float, help=f"peak learning rate ({family_defaults('lr')}; "
+                   + ", ".join(f"{name} {lr}" for name, lr in DEFAULT_LR.items()) + ")")
+    g.add_argument("--optimizer", choices=["sgd", "adamw"], help=family_defaults("optimizer"))
+    g.add_argument("--momentum", type=fraction, help=f"SGD momentum ({RECIPES['cnn']['momentum']})")
+    g.add_argument("--weight-decay", type=nonnegative_float, help=f"weight decay ({family_defaults('weight_decay')})")
+    g.add_argument("--schedule", choices=["step", "cosine"], help=family_defaults("schedule"))
     g.add_argument("--milestones", type=positive_int, nargs="+",
-                   help="step schedule epochs (default 62.5/75/87.5%% of --epochs: 150 180 210 of 240)")
-    g.add_argument("--lr-decay", type=positive_float, help="step schedule factor (0.1)")
-    g.add_argument("--warmup-epochs", type=nonnegative_float, help="linear lr warm-up (cnn 0, token min(5, epochs/10))")
-    g.add_argument("--label-smoothing", type=fraction, help="cross-entropy label smoothing (cnn 0, token 0.1)")
+                   help="step schedule epochs (default " + "/".join(f"{f * 100:g}" for f in MILESTONE_FRACTIONS)
+                        + "%% of --epochs: 150 180 210 of 240)")
+    g.add_argument("--lr-decay", type=positive_float, help=f"step schedule factor ({RECIPES['cnn']['lr_decay']})")
+    g.add_argument("--warmup-epochs", type=nonnegative_float,
+                   help=f"linear lr warm-up (cnn {RECIPES['cnn']['warmup_epochs']}, token min(5, epochs/10))")
+    g.add_argument("--label-smoothing", type=fraction,
+                   help=f"cross-entropy label smoothing ({family_defaults('label_smoothing')})")
     g.add_argument("--grad-clip", type=nonnegative_float, help="clip the gradient norm (default off)")
     g = parser.add_argument_group("run")
     g.add_argument("--seed", type=nonnegative_int, default=0,
@@ -959,6 +890,145 @@ def run_main(main):
         sys.exit(130)
 
 
+# ====================================================================================== conveniences
+# Not part of the method's training: architecture identification for error messages, image-folder loading,
+# and the automatic training of a missing teacher.
+
+
+def identify_architecture(state_dict):
+    """The zoo name whose state_dict keys and shapes match, or None. Builds models on the meta device."""
+    num_classes = state_dict_classes(state_dict) or 100
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    for name in MODEL_NAMES:
+        with torch.device("meta"):
+            reference = create_model(name, num_classes).state_dict()
+        if {k: tuple(v.shape) for k, v in reference.items()} == shapes:
+            return name
+    return None
+
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+def read_image(path):
+    """One image file as an RGB 32x32 uint8 array (H, W, 3)."""
+    from PIL import Image  # torchvision depends on Pillow
+
+    with Image.open(path) as img:
+        img = img.convert("RGB")  # decodes the whole file: a truncated one fails here
+        if img.size != (32, 32):
+            img = img.resize((32, 32), Image.BILINEAR)
+        return np.asarray(img)
+
+
+def unreadable_reason(path, error):
+    """Why `read_image(path)` failed, in a few words."""
+    from PIL import UnidentifiedImageError
+
+    if path.stat().st_size == 0:
+        return "empty file"
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image format Pillow can read"
+    return "cannot be decoded: " + (" ".join(str(error).split())[:100] or type(error).__name__)
+
+
+def load_image_folder(root):
+    """`root/train/<class>/*` and `root/test/<class>/*`, any size and mode, as RGB 32x32 uint8.
+
+    Both splits must have the same class folders, and every image file must be readable: a run refuses
+    rather than skips, so that a benchmark never trains or tests on fewer images than the folder holds."""
+    root = Path(root).expanduser()
+    if not (root / "train").is_dir() or not (root / "test").is_dir():
+        raise SystemExit(f"error: {root}/ has no train/ and test/ folders of class sub-folders. For the "
+                         f"CIFAR-10 images: mkdir -p {root} && tar -xzf ../shared/data/cifar10_jpeg.tar.gz -C {root}")
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    test_classes = sorted(d.name for d in (root / "test").iterdir() if d.is_dir())
+    if classes != test_classes:
+        only_train = sorted(set(classes) - set(test_classes))
+        only_test = sorted(set(test_classes) - set(classes))
+        raise SystemExit(f"error: {root}/train/ and {root}/test/ have different classes: only in train/: "
+                         f"{', '.join(only_train) or 'none'}; only in test/: {', '.join(only_test) or 'none'}")
+    splits, unreadable, total = {}, [], 0
+    for split in ("train", "test"):
+        images, labels = [], []
+        for label, cls in enumerate(classes):
+            for path in sorted((root / split / cls).iterdir()):
+                if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                    continue
+                total += 1
+                try:
+                    images.append(read_image(path))
+                    labels.append(label)
+                except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, ... by format
+                    unreadable.append((path, unreadable_reason(path, error)))
+        splits[split] = images, labels
+    if unreadable:
+        path, reason = unreadable[0]
+        raise SystemExit(f"error: cannot read {path} ({reason}); {len(unreadable)} of the {total} image files "
+                         f"under {root}/ cannot be read in all. Replace or delete them: a run does not skip images")
+    tensors = []
+    for split, (images, labels) in splits.items():
+        if not images:
+            raise SystemExit(f"error: no images found under {root / split}/<class>/")
+        tensors += [torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)]
+    return tensors, len(classes)
+
+
+# ------------------------------------------------------------------------------------------ teacher
+
+def teacher_path(args, data, name):
+    """Where a teacher of this data is cached: checkpoints/<data>/<name>.pth (see dataset_tag)."""
+    return Path(args.checkpoint_dir) / dataset_tag(args, data) / f"{name}.pth"
+
+
+def teacher_candidates(args, data):
+    root = Path(args.checkpoint_dir)
+    paths = [teacher_path(args, data, args.teacher)]
+    if args.dataset == "cifar100" and not args.train_subset:  # the public benchmark layout
+        paths += [root / f"{args.teacher}_vanilla" / "ckpt_epoch_240.pth",
+                  root / "cifar_teachers" / f"{args.teacher}_vanilla" / "ckpt_epoch_240.pth"]
+    return paths
+
+
+def load_teacher(args, data):
+    """The frozen teacher in eval mode: from --teacher-ckpt, else from checkpoints/, else trained first."""
+    device = data.train_x.device
+    teacher = build_model(args.teacher, data.num_classes, device)
+    candidates = teacher_candidates(args, data)
+    path = args.teacher_ckpt or next((p for p in candidates if p.exists()), None)
+    if path is None:
+        target = candidates[0]
+        log(f"no {args.teacher} teacher checkpoint for {dataset_tag(args, data)} (looked for "
+            f"{', '.join(map(str, candidates))}); training it first with the standard "
+            f"{model_family(args.teacher)} recipe for {args.teacher_epochs} epochs -> {target}")
+        recipe = make_recipe(args, model_family(args.teacher), epochs=args.teacher_epochs, use_overrides=False,
+                             model_name=args.teacher)
+        torch.manual_seed(args.seed)
+        # A killed teacher run continues (resume=True); one of another length or seed has its own folder.
+        run_dir = target.parent / f"{args.teacher}_run_{args.teacher_epochs}ep_seed{args.seed}"
+        fit(teacher, data, run_dir, recipe, seed=args.seed, resume=True, fast=fast_paths(args, device),
+            eval_every=args.eval_every, log_every=args.log_every, title=f"teacher {args.teacher}",
+            config={"model": args.teacher, "epochs": args.teacher_epochs, "seed": args.seed,
+                    "dataset": args.dataset, "train_subset": args.train_subset})
+        os.replace(run_dir / "model.pth", target)
+        path = target
+    checkpoint = load_weights(teacher, path)
+    trained_on = checkpoint.get("data")
+    if trained_on and trained_on != data.fingerprint:
+        if path == candidates[0]:  # our cache must hold this data's teacher
+            raise SystemExit(f"error: {path} was trained on other data (fingerprint {trained_on}, this run's "
+                             f"data {data.fingerprint}); move it away, or pass the teacher with --teacher-ckpt")
+        log(f"warning: teacher {path} was trained on other data than this run's (fingerprint {trained_on}, "
+            f"this data {data.fingerprint}; a subset of its data, for example)")
+    log(f"teacher {args.teacher} from {path} (epoch {checkpoint.get('epoch')}, accuracy {checkpoint.get('accuracy')})")
+    if fast_paths(args, device).channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Train one model alone with the standard recipe "
                                      "(teachers, plain-student baselines).")
@@ -976,7 +1046,8 @@ def main(argv=None):
             raise SystemExit(f"error: {teacher_file} exists; move it away first, or add --overwrite to replace it")
         ensure_writable(teacher_file.parent, "--checkpoint-dir")
     model = build_model(args.model, data.num_classes, device)
-    fit(args, data, model, args.out_dir, make_recipe(args, model_family(args.model), model_name=args.model))
+    fit(model, data, args.out_dir, make_recipe(args, model_family(args.model), model_name=args.model),
+        **run_options(args))
     if args.save_as_teacher:
         save_atomic(torch.load(Path(args.out_dir) / "model.pth", weights_only=True), teacher_file)
         log(f"saved as the {args.model} teacher of this data: {teacher_file}")

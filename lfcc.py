@@ -26,7 +26,7 @@ outputs of student and teacher, tokens (B, N, D) viewed as maps (B, D, sqrt N, s
 
 In the code v_s, v_t are `student_vec`, `teacher_vec`; z_s, z_t are `z_student`, `z_teacher`; y_s, y_t are
 `student_logits`, `teacher_logits`; alpha, beta, T, tau are `args.alpha`, `args.beta`, `args.kd_temperature`,
-`args.tau`. Averaging a window keeps exactly its lowest-frequency (DC) component, so the s x s grid is the
+`args.tau` (`kd_loss(student_logits, teacher_logits, T)`). Averaging a window keeps exactly its lowest-frequency (DC) component, so the s x s grid is the
 map's low-frequency part at scale s, and a 32x32 CNN map and an 8x8 token grid land on the same grids with
 no interpolation. The pyramid alone is a reparametrisation of its finest grid: the 1x1 and 2x2 levels are
 averages of the 4x4 one, so a Linear projector sees the same function class with S = {1, 2, 4} as with
@@ -42,9 +42,7 @@ models, CIFAR images upsampled, teachers fine-tuned from ImageNet weights). This
 models from scratch at 32x32, so its accuracies are not comparable with the paper's tables.
 """
 import argparse
-import json
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -103,6 +101,24 @@ def filtered_sizes(model, stages, low_pass):
     return [low_pass(models.to_map(torch.zeros(1, *shapes[k - 1]))).shape[1] for k in stages]
 
 
+def check_frozen_teacher(teacher):
+    """The teacher must be fixed before it is used: in eval mode (in train mode every batch would move its
+    BatchNorm statistics) and without trainable parameters (an optimizer over them would change it)."""
+    trainable = sum(p.requires_grad for p in teacher.parameters())
+    in_train_mode = sum(m.training for m in teacher.modules())
+    if trainable or in_train_mode:
+        raise ValueError(f"the teacher must be frozen, but {trainable} of its parameter tensors require grad and "
+                         f"{in_train_mode} of its modules are in train mode; call teacher.eval() and "
+                         f"teacher.requires_grad_(False) first")
+
+
+def make_compact_space(student, teacher, stages, low_pass, dim):
+    """The CompactSpace of a student/teacher pair, its projectors sized by the models' filtered stage outputs;
+    checks (once) that the teacher is frozen and in eval mode."""
+    check_frozen_teacher(teacher)
+    return CompactSpace(filtered_sizes(student, stages, low_pass), filtered_sizes(teacher, stages, low_pass), dim)
+
+
 # ------------------------------------------------------------------------------------------- the loss
 
 def rank_accuracy(similarity):
@@ -133,30 +149,37 @@ def mse_alignment(z_student, z_teacher, tau=None):
     return loss, rank_accuracy(similarity)
 
 
-def kd_loss(student_logits, teacher_logits, T):
-    """T^2 KL(softmax(y_t / T) || softmax(y_s / T)), batch mean (Hinton et al.)."""
-    return F.kl_div(F.log_softmax(student_logits.float() / T, 1), F.softmax(teacher_logits.float() / T, 1),
-                    reduction="batchmean") * T * T
+def kd_loss(logits, target_logits, temperature):
+    """T^2 KL(softmax(target/T) || softmax(logits/T)), batch mean, in float32 (Hinton et al.): the logit KD
+    term with logits = y_s, target_logits = y_t."""
+    log_q = F.log_softmax(logits.float() / temperature, dim=1)
+    p = F.softmax(target_logits.float() / temperature, dim=1)
+    return F.kl_div(log_q, p, reduction="batchmean") * temperature ** 2
 
 
-def stage_alignment(x, student, teacher, space, low_pass, args):
-    """One forward pass of both models: logits of each, and per distilled stage (alignment loss, rank acc)."""
+def stage_alignment(x, student, teacher, space, low_pass, *, stages=(1, 2, 3), tau=0.1, loss="infonce"):
+    """One forward pass of both models: logits of each, and per distilled stage (alignment loss, rank acc).
+    `stages` are 1-based and index space's projectors in order; `loss` is "infonce" or "mse"."""
     with torch.no_grad():
         teacher_features, teacher_logits = models.stage_features(teacher, x)
-        teacher_vecs = [low_pass(models.to_map(teacher_features[k - 1])) for k in args.stages]
+        teacher_vecs = [low_pass(models.to_map(teacher_features[k - 1])) for k in stages]
     student_features, student_logits = models.stage_features(student, x)
-    align = info_nce if args.loss == "infonce" else mse_alignment
+    align = info_nce if loss == "infonce" else mse_alignment
     per_stage = []
-    for index, k in enumerate(args.stages):
+    for index, k in enumerate(stages):
         student_vec = low_pass(models.to_map(student_features[k - 1]))
         z_student, z_teacher = space(index, student_vec, teacher_vecs[index])
-        per_stage.append(align(z_student, z_teacher, args.tau))
+        per_stage.append(align(z_student, z_teacher, tau))
     return student_logits, teacher_logits, per_stage
 
 
 def make_loss_fn(args, recipe, student, teacher, space, low_pass):
+    """fit's loss_fn(x, y, progress): CE + alpha KD + beta mean_k L_k, with every term logged."""
+    alignment = dict(stages=args.stages, tau=args.tau, loss=args.loss)
+
     def loss_fn(x, y, progress):
-        student_logits, teacher_logits, per_stage = stage_alignment(x, student, teacher, space, low_pass, args)
+        student_logits, teacher_logits, per_stage = stage_alignment(x, student, teacher, space, low_pass,
+                                                                    **alignment)
         ce = F.cross_entropy(student_logits.float(), y, label_smoothing=recipe["label_smoothing"])
         kd = kd_loss(student_logits, teacher_logits, args.kd_temperature)
         lfcc = torch.stack([loss for loss, _ in per_stage]).mean()
@@ -168,8 +191,11 @@ def make_loss_fn(args, recipe, student, teacher, space, low_pass):
 
 
 def make_eval_fn(args, student, teacher, space, low_pass):
+    """Test accuracy of the student, and each stage's alignment loss and rank accuracy on test batches."""
+    alignment = dict(stages=args.stages, tau=args.tau, loss=args.loss)
+
     def eval_fn(x, y):
-        student_logits, _, per_stage = stage_alignment(x, student, teacher, space, low_pass, args)
+        student_logits, _, per_stage = stage_alignment(x, student, teacher, space, low_pass, **alignment)
         metrics = {"test_acc": 100.0 * (student_logits.argmax(1) == y).float().mean()}
         for k, (loss, accuracy) in zip(args.stages, per_stage):
             metrics[f"test_lfcc_s{k}"], metrics[f"test_rank_acc_s{k}"] = loss, accuracy
@@ -179,33 +205,30 @@ def make_eval_fn(args, student, teacher, space, low_pass):
 
 # ------------------------------------------------------------------------------------------- training
 
-def distill(args, data, teacher, student, recipe):
-    """Train `student` with LFCC from the frozen `teacher`; returns (summary, the trained CompactSpace).
+def distill(args, data, teacher, student):
+    """Train `student` (already on the data's device) with LFCC from the frozen `teacher` into args.out_dir;
+    returns fit's summary, which also holds the method's fields.
 
     The projectors train with the student (train_modules) and are kept in the resumable checkpoint only:
     model.pth holds the student alone."""
-    device = data.train_x.device
     low_pass = make_filter(args)
-    space = CompactSpace(filtered_sizes(student, args.stages, low_pass),
-                         filtered_sizes(teacher, args.stages, low_pass), args.proj_dim).to(device)
+    space = make_compact_space(student, teacher, args.stages, low_pass, args.proj_dim).to(data.train_x.device)
+    recipe = common.make_recipe(args, models.model_family(student.arch), model_name=student.arch)
     common.log(f"lfcc: stages {args.stages}, "
                f"{'no low-pass (full resolution)' if args.no_lowpass else f'low-pass scales {args.scales}'}, "
                f"{args.loss} in {args.proj_dim} dims, tau {args.tau}, alpha {args.alpha}, "
                f"beta {args.beta}, T {args.kd_temperature}; projectors {common.count_params(space):,} params")
-    summary = common.fit(args, data, student, args.out_dir, recipe,
-                         loss_fn=make_loss_fn(args, recipe, student, teacher, space, low_pass),
-                         train_modules=[student, space],
-                         eval_fn=make_eval_fn(args, student, teacher, space, low_pass),
-                         title=f"lfcc {teacher.arch} -> {student.arch}")
-    summary["method"] = "lfcc"
-    summary["lfcc"] = {"teacher": teacher.arch, "student": student.arch, "stages": args.stages,
-                       "filter": "full_resolution" if args.no_lowpass else "multiscale_low_pass",
-                       "scales": args.scales, "loss": args.loss, "proj_dim": args.proj_dim, "tau": args.tau,
-                       "alpha": args.alpha, "beta": args.beta, "kd_temperature": args.kd_temperature,
-                       "projector_params": common.count_params(space)}
-    with open(Path(args.out_dir) / "summary.json", "w") as f:
-        json.dump(summary, f, indent=1, default=str)
-    return summary, space
+    method_fields = {"method": "lfcc", "lfcc": {
+        "teacher": teacher.arch, "student": student.arch, "stages": args.stages,
+        "filter": "full_resolution" if args.no_lowpass else "multiscale_low_pass", "scales": args.scales,
+        "loss": args.loss, "proj_dim": args.proj_dim, "tau": args.tau, "alpha": args.alpha, "beta": args.beta,
+        "kd_temperature": args.kd_temperature, "projector_params": common.count_params(space)}}
+    return common.fit(student, data, args.out_dir, recipe,
+                      loss_fn=make_loss_fn(args, recipe, student, teacher, space, low_pass),
+                      train_modules=[student, space],
+                      eval_fn=make_eval_fn(args, student, teacher, space, low_pass),
+                      title=f"lfcc {teacher.arch} -> {student.arch}", summary_fields=method_fields,
+                      **common.run_options(args))
 
 
 def add_args(parser):
@@ -230,7 +253,7 @@ def add_args(parser):
                    help="weight of the logit KD term (default 1; 0: LFCC alone)")
     g.add_argument("--beta", type=common.nonnegative_float, default=1.0,
                    help="weight of the mean per-stage alignment loss (default 1)")
-    g.add_argument("--kd-temperature", "--T", dest="kd_temperature", type=common.positive_float, default=4.0,
+    g.add_argument("--kd-temperature", "-T", type=common.positive_float, default=4.0, metavar="T",
                    help="temperature T of the logit KD term (default 4)")
 
 
@@ -246,8 +269,7 @@ def main(argv=None):
     teacher = common.load_teacher(args, data)
     torch.manual_seed(args.seed)
     student = common.build_model(args.student, data.num_classes, device)
-    recipe = common.make_recipe(args, models.model_family(args.student), model_name=args.student)
-    distill(args, data, teacher, student, recipe)
+    distill(args, data, teacher, student)
 
 
 if __name__ == "__main__":

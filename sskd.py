@@ -67,7 +67,6 @@ with from its checkpoint.pt; the phase in progress continues through `fit`'s own
 """
 import argparse
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -75,26 +74,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from models import create_model, feature_shapes, model_family, resize_map, to_map, to_tokens
-
-
-def add_args(parser):
-    g = parser.add_argument_group("SSKD")
-    g.add_argument("--stage-epochs", type=common.positive_int,
-                   help="epochs of each stage phase (default: what the head phase leaves of --epochs, shared "
-                        "equally, at least 1: 72 of 240, 6 of 20)")
-    g.add_argument("--head-epochs", type=common.positive_int,
-                   help="epochs of the head phase (default: --epochs // 10, at least 1: 24 of 240, 2 of 20)")
-    g.add_argument("--feat-weight", type=common.positive_float, default=10.0,
-                   help="phase A loss = weight x mean squared feature error (default 10; see the docstring)")
-    g.add_argument("--joint", action="store_true",
-                   help="ablation: train the whole backbone at once on the sum of all stage losses "
-                        "(stages x stage epochs), then the head")
-    g.add_argument("--teacher-input", action="store_true",
-                   help="ablation: feed stage k the teacher's feature k-1 instead of the student's own "
-                        "(only where the student's and teacher's stage outputs have the same shapes)")
-    g.add_argument("--finetune-all", action="store_true",
-                   help="ablation: phase B trains the whole student (head re-initialised), not only the head")
+import models
 
 
 # ------------------------------------------------------------------------------------------- adapters
@@ -107,17 +87,14 @@ class Adapter(nn.Module):
     def __init__(self, student_shape, teacher_shape):
         super().__init__()
         self.teacher_tokens = len(teacher_shape) == 2
-        student_channels = student_shape[1] if len(student_shape) == 2 else student_shape[0]
-        if self.teacher_tokens:
-            teacher_channels, self.side = teacher_shape[1], math.isqrt(teacher_shape[0])
-        else:
-            teacher_channels, self.side = teacher_shape[0], teacher_shape[1]
+        student_channels, _ = models.grid_shape(student_shape)
+        teacher_channels, self.side = models.grid_shape(teacher_shape)
         self.conv = nn.Conv2d(student_channels, teacher_channels, 1, bias=False)
         self.bn = nn.BatchNorm2d(teacher_channels)
 
     def forward(self, x):
-        x = resize_map(self.bn(self.conv(to_map(x))), self.side)
-        return to_tokens(x) if self.teacher_tokens else x
+        x = models.resize_map(self.bn(self.conv(models.to_map(x))), self.side)
+        return models.to_tokens(x) if self.teacher_tokens else x
 
 
 def make_adapter(student_shape, teacher_shape):
@@ -129,7 +106,7 @@ def make_adapter(student_shape, teacher_shape):
 
 def check_teacher_input(student, teacher):
     """--teacher-input feeds student stage k the teacher's feature k-1, so those shapes must agree."""
-    student_shapes, teacher_shapes = feature_shapes(student), feature_shapes(teacher)
+    student_shapes, teacher_shapes = models.feature_shapes(student), models.feature_shapes(teacher)
     for k, (s, t) in enumerate(zip(student_shapes[:-1], teacher_shapes[:-1]), start=1):
         if tuple(s) != tuple(t):
             raise SystemExit(f"error: --teacher-input needs equal stage outputs, but after stage {k} the "
@@ -163,7 +140,7 @@ def feature_distances(student, teacher, adapters, x, trained, teacher_input=Fals
     return distances
 
 
-# ------------------------------------------------------------------------------------------- phases
+# ------------------------------------------------------------------------------------- training glue
 
 def metric_names(trained):
     """Names of the logged feature MSEs: 'feat_mse' for a stage phase, one per stage with --joint."""
@@ -208,7 +185,7 @@ def train_backbone(args, data, student, teacher, trained, epochs, out_dir):
     Returns fit's summary; the adapters are local to this call and are dropped with it."""
     device = data.train_x.device
     stages = student.stages()
-    shapes = list(zip(feature_shapes(student), feature_shapes(teacher)))
+    shapes = list(zip(models.feature_shapes(student), models.feature_shapes(teacher)))
     adapters = {k: make_adapter(*shapes[k]).to(device) for k in trained}
     train_modules = [stages[k] for k in trained] + [adapters[k] for k in trained]
     set_trainable(student, train_modules)
@@ -219,13 +196,13 @@ def train_backbone(args, data, student, teacher, trained, epochs, out_dir):
     def eval_fn(x, y):  # the unweighted test feature MSE, student (adapted) vs teacher
         return dict(zip(names, feature_distances(student, teacher, adapters, x, trained, args.teacher_input)))
 
-    recipe = common.make_recipe(args, model_family(student.arch), epochs=epochs, model_name=student.arch)
+    recipe = common.make_recipe(args, models.model_family(student.arch), epochs=epochs, model_name=student.arch)
     name = "all stages jointly" if len(trained) > 1 else f"stage {trained[0] + 1}/{len(stages)}"
     adapted = [k + 1 for k in trained if not isinstance(adapters[k], nn.Identity)]
     common.log(f"SSKD phase A, {name}: {student.arch} <- {teacher.arch}, "
                f"adapters at stages {adapted or 'none (shapes match)'}")
-    return common.fit(args, data, student, out_dir, recipe, loss_fn, train_modules, eval_fn,
-                      title=f"SSKD {name}")
+    return common.fit(student, data, out_dir, recipe, loss_fn=loss_fn, train_modules=train_modules,
+                      eval_fn=eval_fn, title=f"SSKD {name}", **common.run_options(args))
 
 
 def reset_head(student):
@@ -240,13 +217,13 @@ def train_head(args, data, student, epochs, out_dir):
     reset_head(student)
     train_modules = [student] if args.finetune_all else [student.head()]
     set_trainable(student, train_modules)
-    recipe = common.make_recipe(args, model_family(student.arch), epochs=epochs, model_name=student.arch)
+    recipe = common.make_recipe(args, models.model_family(student.arch), epochs=epochs, model_name=student.arch)
     loss_fn = make_head_loss_fn(student, args.finetune_all, recipe["label_smoothing"])
 
     common.log(f"SSKD phase B: {'the whole student' if args.finetune_all else 'the head'} of "
                f"{student.arch}, re-initialised head, cross-entropy on labels only")
-    return common.fit(args, data, student, out_dir, recipe, loss_fn, train_modules,
-                      title=f"SSKD head of {student.arch}")
+    return common.fit(student, data, out_dir, recipe, loss_fn=loss_fn, train_modules=train_modules,
+                      title=f"SSKD head of {student.arch}", **common.run_options(args))
 
 
 def phase_plan(args, num_stages):
@@ -260,8 +237,9 @@ def phase_plan(args, num_stages):
     return plan + [("head", None, head_epochs)]
 
 
-def run_sskd(args, data, student, teacher):
-    """All phases in order, resumable across them; writes out_dir/summary.json and out_dir/model.pth."""
+def distill(args, data, teacher, student):
+    """SSKD from the frozen `teacher` into `student`: all phases in order, resumable across them; writes
+    args.out_dir/summary.json and args.out_dir/model.pth and returns the summary."""
     out_dir = Path(args.out_dir)
     if len(student.stages()) != len(teacher.stages()):
         raise SystemExit(f"error: {student.arch} and {teacher.arch} have different numbers of stages")
@@ -310,6 +288,26 @@ def run_sskd(args, data, student, teacher):
     return summary
 
 
+def add_args(parser):
+    """SSKD's own flags; every [choice] of the method is one of them."""
+    g = parser.add_argument_group("SSKD")
+    g.add_argument("--stage-epochs", type=common.positive_int,
+                   help="epochs of each stage phase (default: what the head phase leaves of --epochs, shared "
+                        "equally, at least 1: 72 of 240, 6 of 20)")
+    g.add_argument("--head-epochs", type=common.positive_int,
+                   help="epochs of the head phase (default: --epochs // 10, at least 1: 24 of 240, 2 of 20)")
+    g.add_argument("--feat-weight", type=common.positive_float, default=10.0,
+                   help="phase A loss = weight x mean squared feature error (default 10; see the docstring)")
+    g.add_argument("--joint", action="store_true",
+                   help="ablation: train the whole backbone at once on the sum of all stage losses "
+                        "(stages x stage epochs), then the head")
+    g.add_argument("--teacher-input", action="store_true",
+                   help="ablation: feed stage k the teacher's feature k-1 instead of the student's own "
+                        "(only where the student's and teacher's stage outputs have the same shapes)")
+    g.add_argument("--finetune-all", action="store_true",
+                   help="ablation: phase B trains the whole student (head re-initialised), not only the head")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Stage-by-stage knowledge distillation (SSKD): the student's "
                                      "backbone copies the teacher's features one stage at a time, then its "
@@ -319,12 +317,12 @@ def main(argv=None):
     add_args(parser)
     args = parser.parse_args(argv)
     if args.teacher_input:  # fail before a missing teacher would be trained
-        check_teacher_input(create_model(args.student, 10), create_model(args.teacher, 10))
+        check_teacher_input(models.create_model(args.student, 10), models.create_model(args.teacher, 10))
     device, data = common.setup(args, f"sskd_{args.teacher}_{args.student}", parser)
     teacher = common.load_teacher(args, data)
     torch.manual_seed(args.seed)
     student = common.build_model(args.student, data.num_classes, device)
-    run_sskd(args, data, student, teacher)
+    distill(args, data, teacher, student)
 
 
 if __name__ == "__main__":

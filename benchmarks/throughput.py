@@ -114,8 +114,7 @@ def build_method(method, teacher_name, student_name, num_classes, device, channe
     if method == "lfcc":
         args = method_args(lfcc, [])
         low_pass = lfcc.make_filter(args)
-        space = lfcc.CompactSpace(lfcc.filtered_sizes(student, args.stages, low_pass),
-                                  lfcc.filtered_sizes(teacher, args.stages, low_pass), args.proj_dim).to(device)
+        space = lfcc.make_compact_space(student, teacher, args.stages, low_pass, args.proj_dim).to(device)
         return student, [student, space], lfcc.make_loss_fn(args, recipe, student, teacher, space, low_pass), recipe
     raise ValueError(method)
 

@@ -197,17 +197,17 @@ def test_stone_weights_ramp_and_cross_terms_are_exact():
         cross = kd_by_hand(ens, s, T) + sum(w * kd_by_hand(ens, z[i], T) for i, w in cross_weights.items())
         return alpha * task + ramp * (beta * dist + gamma * cross)
 
-    flags = ("-T", T, "--alpha", alpha, "--beta", beta, "--gamma", gamma)
+    weights = dict(kd_temperature=T, alpha=alpha, beta=beta, gamma=gamma)
     ramp = bkd.warmup_factor(progress=1.5, ramp_epochs=6.0)
     assert ramp == 0.25 and bkd.warmup_factor(0, 6.0) == 0 and bkd.warmup_factor(6.0, 6.0) == 1
     assert bkd.warmup_factor(100, 6.0) == 1 and bkd.warmup_factor(0, 0) == 1
-    loss, _ = bkd.blockkd_loss(s, t, z, y, bkd_args(*flags), 3, ramp)
+    loss, _ = bkd.blockkd_loss(s, t, z, y, num_stages=3, ramp=ramp, **weights)
     all_w = {1: 0.25, 2: 0.5, 3: 1.0}
     torch.testing.assert_close(loss, by_hand(all_w, all_w, ramp))
     some = {i: z[i] for i in (1, 3)}  # --stones 1,3: w_i keeps its stage index
-    loss, _ = bkd.blockkd_loss(s, t, some, y, bkd_args(*flags), 3, 1.0)
+    loss, _ = bkd.blockkd_loss(s, t, some, y, num_stages=3, ramp=1.0, **weights)
     torch.testing.assert_close(loss, by_hand({1: 0.25, 3: 1.0}, {1: 0.25, 3: 1.0}, 1.0))
-    loss, terms = bkd.blockkd_loss(s, t, z, y, bkd_args(*flags, "--no-cross-stone-weights"), 3, 1.0)
+    loss, terms = bkd.blockkd_loss(s, t, z, y, num_stages=3, ramp=1.0, cross_stone_weights=False, **weights)
     torch.testing.assert_close(loss, by_hand(all_w, {1: 1.0, 2: 1.0, 3: 1.0}, 1.0))
     assert terms["cross"] > 0 and terms["distill"] > 0
 
@@ -226,14 +226,14 @@ def test_ensemble_target_carries_no_gradient():
     torch.manual_seed(1)
     s, t, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
     z = {i: torch.randn(8, 10, requires_grad=True) for i in (1, 2, 3)}
-    only_cross = ("--alpha", 0, "--beta", 0, "--gamma", 1)
-    loss, _ = bkd.blockkd_loss(s, t, z, y, bkd_args(*only_cross), 3, 1.0)
+    only_cross = dict(num_stages=3, ramp=1.0, alpha=0.0, beta=0.0, gamma=1.0)
+    loss, _ = bkd.blockkd_loss(s, t, z, y, **only_cross)
     detached = torch.autograd.grad(loss, list(z.values()))
     ens = torch.stack(list(z.values())).mean(0).detach()
     by_hand = sum(w * kd_by_hand(ens, z[i], 4.0) for i, w in {1: 0.25, 2: 0.5, 3: 1.0}.items())
     for got, want in zip(detached, torch.autograd.grad(by_hand, list(z.values()))):
         torch.testing.assert_close(got, want)
-    loss, _ = bkd.blockkd_loss(s, t, z, y, bkd_args(*only_cross, "--no-detach-ensemble"), 3, 1.0)
+    loss, _ = bkd.blockkd_loss(s, t, z, y, detach_ensemble=False, **only_cross)
     through = torch.autograd.grad(loss, list(z.values()))
     assert not torch.allclose(through[0], detached[0])
 
@@ -259,7 +259,8 @@ def trained_teachers(small_data, tmp_path_factory):
     for name, lr in (("resnet", 0.05), ("vit", 2e-3)):
         teacher = tiny(name)
         args = make_args("--dataset", "synthetic", *SHORT_RUN, "--lr", lr)
-        common.fit(args, small_data, teacher, tmp_path_factory.mktemp(name), common.make_recipe(args, models.model_family(name)))
+        common.fit(teacher, small_data, tmp_path_factory.mktemp(name), common.make_recipe(args, models.model_family(name)),
+                   **common.run_options(args))
         teachers[name] = frozen(teacher)
     return teachers
 
@@ -269,7 +270,7 @@ def trained_teachers(small_data, tmp_path_factory):
 def test_short_run_of_each_pair_family_learns(tmp_path, small_data, trained_teachers, teacher_name, student_name):
     teacher, student = trained_teachers[teacher_name], tiny(student_name)
     args = bkd_args(*SHORT_RUN, "--lr", 2e-3 if student_name == "mlp_mixer" else 0.05, "--out-dir", tmp_path)
-    summary = bkd.train_student(args, small_data, teacher, student)
+    summary = bkd.distill(args, small_data, teacher, student)
     assert summary["last_acc"] > 20, summary["last_epoch"]  # chance is 10 % (+-1.5 % on 400 test images)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {"task", "distill", "cross", "ramp", "stone1_acc", "stone2_acc", "stone3_acc"} <= set(rows[-1])

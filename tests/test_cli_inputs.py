@@ -66,7 +66,7 @@ METHOD_BAD = [
     ("blockwise_kd", "--teacher-epochs", "0", "a positive integer"),
     ("sskd", "--teacher-epochs", "-1", "a positive integer"),
     ("lfcc", "--teacher-epochs", "0", "a positive integer"),
-    ("blockwise_kd", "--temperature", "0", "a positive number"),
+    ("blockwise_kd", "--kd-temperature", "0", "a positive number"),
     ("blockwise_kd", "-T", "-4", "a positive number"),
     ("blockwise_kd", "--alpha", "-1", "a number >= 0"),
     ("blockwise_kd", "--beta", "-0.5", "a number >= 0"),
@@ -81,7 +81,7 @@ METHOD_BAD = [
     ("lfcc", "--alpha", "-1", "a number >= 0"),
     ("lfcc", "--beta", "-1", "a number >= 0"),
     ("lfcc", "--kd-temperature", "0", "a positive number"),
-    ("lfcc", "--T", "-2", "a positive number"),
+    ("lfcc", "-T", "-2", "a positive number"),
 ]
 
 
@@ -96,8 +96,7 @@ def test_bad_shared_number_is_a_parser_error(script, flag, value, wanted, nothin
 def test_bad_method_number_is_a_parser_error(script, flag, value, wanted, nothing_runs, capsys):
     argv = ["--dataset", "synthetic", flag, value] if flag != "--scales" else ["--scales", "1", value]
     line = parser_error(script, argv, capsys)
-    name = {"-T": "--temperature/-T", "--temperature": "--temperature/-T", "--T": "--kd-temperature/--T",
-            "--kd-temperature": "--kd-temperature/--T"}.get(flag, flag)  # argparse names an alias with it
+    name = {"-T": "--kd-temperature/-T", "--kd-temperature": "--kd-temperature/-T"}.get(flag, flag)  # argparse names an alias with it
     assert line.endswith(f"error: argument {name}: must be {wanted}, not '{value}'"), line
 
 
@@ -243,7 +242,7 @@ def test_unreadable_checkpoint_never_suggests_unsafe_loading(content, tmp_path):
 @pytest.mark.parametrize("stones", ["4", "0", "1,x", "", "two"])
 def test_bad_stones_stop_before_data_and_teacher(stones, nothing_runs, capsys):
     line = parser_error("blockwise_kd", ["--dataset", "synthetic", "--stones", stones], capsys)
-    assert line.endswith(f"error: --stones must be all, none or a comma list of stages 1..3, not {stones!r}"), line
+    assert line.endswith(f"error: argument --stones: must be all, none or a comma list of stages 1..3, not {stones!r}"), line
 
 
 def test_good_stones_pass_the_early_check(monkeypatch):

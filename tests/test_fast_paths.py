@@ -1,7 +1,7 @@
 """The fast paths on a CPU: the flags, bf16 autocast + channels_last against the fp32 run, the dtypes that
 must stay float32 under autocast, and `--compile` against eager (those tests are marked slow).
 
-Every run here is the real loop (`common.fit`, `blockwise_kd.train_student`, `sskd.run_sskd`,
+Every run here is the real loop (`common.fit`, `blockwise_kd.distill`, `sskd.distill`,
 `lfcc.distill`) on tiny synthetic data, compared through what it logs to metrics.jsonl."""
 import json
 import math
@@ -117,12 +117,12 @@ def train(method, data, out_dir, *flags):
             torch.manual_seed(0)
             student = models.create_model("resnet8", 10)
             student.fc.register_forward_hook(rec.training_output("student logits"))
-            common.fit(args, data, student, out_dir, common.make_recipe(args, "cnn"))
+            common.fit(student, data, out_dir, common.make_recipe(args, "cnn"), **common.run_options(args))
             return student, {}, rec
 
         if method == "blockwise_kd":
             args = make_args(*argv, method_args=bkd.add_args)
-            real_loss, real_distance = bkd.blockkd_loss, bkd.kd_distance
+            real_loss, real_distance = bkd.blockkd_loss, bkd.kd_loss
 
             def blockkd_loss(student_logits, teacher_logits, stone_logits, *rest, **kwargs):
                 rec("student logits", student_logits)
@@ -131,9 +131,9 @@ def train(method, data, out_dir, *flags):
                 rec("blockkd_loss", loss, *terms.values())
                 return loss, terms
 
-            def kd_distance(*a, **kw):
+            def kd_loss(*a, **kw):
                 distance = real_distance(*a, **kw)
-                rec("kd_distance", distance)
+                rec("kd_loss", distance)
                 return distance
 
             class SteppingStones(bkd.SteppingStones):
@@ -142,12 +142,12 @@ def train(method, data, out_dir, *flags):
                     rec.modules["stepping-stones"].append(self)
 
             mp.setattr(bkd, "blockkd_loss", blockkd_loss)
-            mp.setattr(bkd, "kd_distance", kd_distance)
+            mp.setattr(bkd, "kd_loss", kd_loss)
             mp.setattr(bkd, "SteppingStones", SteppingStones)
             teacher = build_teacher(method, common.fast_paths(args, CPU).channels_last)
             torch.manual_seed(0)
             student = models.create_model("resnet8", 10)
-            bkd.train_student(args, data, teacher, student, out_dir)
+            bkd.distill(args, data, teacher, student)
             return student, {"stepping-stones": rec.modules["stepping-stones"]}, rec
 
         if method == "sskd":
@@ -171,7 +171,7 @@ def train(method, data, out_dir, *flags):
             torch.manual_seed(0)
             student = models.create_model("resnet8", 10)
             student.fc.register_forward_hook(rec.training_output("student logits"))  # the head phase
-            sskd.run_sskd(args, data, student, teacher)
+            sskd.distill(args, data, teacher, student)
             assert len(rec.modules["adapters"]) == 3 and all(isinstance(a, sskd.Adapter) for a in rec.modules["adapters"])
             return student, {"adapters": rec.modules["adapters"]}, rec
 
@@ -195,6 +195,7 @@ def train(method, data, out_dir, *flags):
             class CompactSpace(lfcc.CompactSpace):
                 def __init__(self, *a, **kw):
                     super().__init__(*a, **kw)
+                    rec.modules["compact space"].append(self)
                     for projector in [*self.student, *self.teacher]:
                         projector.register_forward_hook(rec.training_output("projector output"))
 
@@ -204,8 +205,8 @@ def train(method, data, out_dir, *flags):
             teacher = build_teacher(method, common.fast_paths(args, CPU).channels_last)
             torch.manual_seed(0)
             student = tiny_mixer()
-            _, space = lfcc.distill(args, data, teacher, student, common.make_recipe(args, "token"))
-            return student, {"compact space": [space]}, rec
+            lfcc.distill(args, data, teacher, student)
+            return student, {"compact space": rec.modules["compact space"]}, rec
     raise ValueError(method)
 
 
@@ -319,7 +320,7 @@ def test_bf16_channels_last_run_is_finite_and_close_to_fp32(short_runs, method):
 EXPECTED_BF16_DTYPES = {
     "alone": {"student logits": torch.bfloat16},
     "blockwise_kd": {"student logits": torch.bfloat16, "stepping-stone logits": torch.bfloat16,
-                     "kd_distance": torch.float32, "blockkd_loss": torch.float32},
+                     "kd_loss": torch.float32, "blockkd_loss": torch.float32},
     "sskd": {"adapter output": torch.bfloat16, "feature_distances": torch.float32,
              "student logits": torch.bfloat16},
     "lfcc": {"student logits": torch.bfloat16, "projector output": torch.float32,
@@ -371,9 +372,8 @@ def test_losses_are_float32_under_autocast_by_hand():
         teacher_logits = teacher(x)
         assert logits.dtype == torch.bfloat16 and teacher_logits.dtype == torch.bfloat16
         assert {z.dtype for z in stone_logits.values()} == {torch.bfloat16}
-        assert bkd.kd_distance(teacher_logits, logits, 4.0).dtype == torch.float32
-        loss, terms = bkd.blockkd_loss(logits, teacher_logits, stone_logits, y, make_args(method_args=bkd.add_args),
-                                       3, 0.5)
+        assert bkd.kd_loss(logits, teacher_logits, 4.0).dtype == torch.float32
+        loss, terms = bkd.blockkd_loss(logits, teacher_logits, stone_logits, y, num_stages=3, ramp=0.5)
         assert loss.dtype == torch.float32 and {t.dtype for t in terms.values()} == {torch.float32}
         narrow = build_teacher("sskd", True)
         adapters = {k: sskd.make_adapter(s, t) for k, (s, t) in
@@ -382,8 +382,7 @@ def test_losses_are_float32_under_autocast_by_hand():
         assert [d.dtype for d in distances] == [torch.float32] * 3
     # Under autocast the losses are those of the bf16 logits computed in float32: close to the fp32 loss.
     fp32_loss, _ = bkd.blockkd_loss(*(t.float() for t in (logits, teacher_logits)),
-                                    {i: z.float() for i, z in stone_logits.items()}, y,
-                                    make_args(method_args=bkd.add_args), 3, 0.5)
+                                    {i: z.float() for i, z in stone_logits.items()}, y, num_stages=3, ramp=0.5)
     assert loss.item() == pytest.approx(fp32_loss.item(), rel=1e-6)
 
 

@@ -123,7 +123,7 @@ def test_headline_defaults_and_flags():
     assert (args.teacher, args.student) == ("resnet32x4", "mlp_mixer")
     assert (args.scales, args.stages, args.tau, args.proj_dim, args.alpha, args.beta, args.kd_temperature,
             args.loss, args.no_lowpass) == ([1, 2, 4], [1, 2, 3], 0.1, 128, 1.0, 1.0, 4.0, "infonce", False)
-    assert make_args("--T", 2, method_args=lfcc.add_args).kd_temperature == 2.0
+    assert make_args("-T", 2, method_args=lfcc.add_args).kd_temperature == 2.0
     low_pass = lfcc.make_filter(args)
     teacher = models.create_model("resnet32x4", 100)
     student = models.create_model("mlp_mixer", 100)
@@ -239,7 +239,8 @@ def cnn_teacher(small_data, tmp_path_factory):
     args = make_args("--dataset", "synthetic", "--train-subset", 640, "--epochs", 2)
     torch.manual_seed(0)
     teacher = models.create_model("resnet8", 10)
-    common.fit(args, small_data, teacher, tmp_path_factory.mktemp("teacher"), common.make_recipe(args, "cnn"))
+    common.fit(teacher, small_data, tmp_path_factory.mktemp("teacher"), common.make_recipe(args, "cnn"),
+               **common.run_options(args))
     teacher.arch = "resnet8"
     return frozen(teacher)
 
@@ -251,7 +252,7 @@ def test_cnn_to_token_student_learns_and_aligns(tmp_path, small_data, cnn_teache
     torch.manual_seed(0)
     student = tiny_token_model(student_name)
     teacher_before = {k: v.clone() for k, v in cnn_teacher.state_dict().items()}
-    summary, space = lfcc.distill(args, small_data, cnn_teacher, student, common.make_recipe(args, "token"))
+    summary = lfcc.distill(args, small_data, cnn_teacher, student)
 
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     first, last = rows[0], rows[-1]
@@ -268,4 +269,5 @@ def test_cnn_to_token_student_learns_and_aligns(tmp_path, small_data, cnn_teache
     model_keys = set(torch.load(tmp_path / "model.pth", weights_only=True)["model"])
     assert model_keys == set(student.state_dict())
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    space = lfcc.make_compact_space(student, cnn_teacher, args.stages, lfcc.make_filter(args), args.proj_dim)
     assert set(checkpoint["train_modules"][1]) == set(space.state_dict())

@@ -103,10 +103,11 @@ def test_a_checkpoint_of_another_training_run_is_not_resumed(tmp_path):
     data = common.load_data(argparse.Namespace(dataset="synthetic", train_subset=100), torch.device("cpu"))
     model = common.build_model("resnet8", 10, torch.device("cpu"))
     recipe = common.make_recipe(args, "cnn", epochs=1, use_overrides=False)
-    common.fit(args, data, model, tmp_path, recipe)
+    common.fit(model, data, tmp_path, recipe, seed=0, resume=True)
     before = snapshot(tmp_path)
     with pytest.raises(SystemExit, match=r"from another training run \(--epochs 2 \(the run has 1\);"):
-        common.fit(args, data, model, tmp_path, common.make_recipe(args, "cnn", epochs=2, use_overrides=False))
+        common.fit(model, data, tmp_path, common.make_recipe(args, "cnn", epochs=2, use_overrides=False), seed=0,
+                   resume=True)
     assert snapshot(tmp_path) == before
 
 

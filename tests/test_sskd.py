@@ -45,8 +45,8 @@ def small_data(synthetic_data):
 def trained_teacher(small_data, tmp_path_factory):
     args = make_args("--dataset", "synthetic", "--epochs", 6, "--batch-size", 32, "--lr", 0.1)
     teacher = build("resnet8")
-    summary = common.fit(args, small_data, teacher, tmp_path_factory.mktemp("teacher"),
-                         common.make_recipe(args, "cnn"))
+    summary = common.fit(teacher, small_data, tmp_path_factory.mktemp("teacher"), common.make_recipe(args, "cnn"),
+                         **common.run_options(args))
     assert summary["last_acc"] > 40
     return frozen(teacher)
 
@@ -56,7 +56,7 @@ def full_run(small_data, trained_teacher, tmp_path_factory):
     """An uninterrupted resnet8 -> resnet8 run, 2 epochs per phase."""
     out_dir = tmp_path_factory.mktemp("full")
     student = build("resnet8", seed=0)
-    summary = sskd.run_sskd(sskd_args(out_dir), small_data, student, trained_teacher)
+    summary = sskd.distill(sskd_args(out_dir), small_data, trained_teacher, student)
     return out_dir, summary, student
 
 
@@ -227,12 +227,12 @@ def test_resume_continues_in_the_phase_it_was_killed_in(full_run, small_data, tr
 
     monkeypatch.setattr(sskd, "feature_distances", dies_in_stage2_epoch2)
     with pytest.raises(KeyboardInterrupt):
-        sskd.run_sskd(sskd_args(tmp_path), small_data, build("resnet8", seed=0), trained_teacher)
+        sskd.distill(sskd_args(tmp_path), small_data, trained_teacher, build("resnet8", seed=0))
     assert (tmp_path / "stage1" / "summary.json").exists() and not (tmp_path / "stage2" / "summary.json").exists()
     stage1_written = (tmp_path / "stage1" / "checkpoint.pt").stat().st_mtime_ns
 
     monkeypatch.setattr(sskd, "feature_distances", real_distances)
-    sskd.run_sskd(sskd_args(tmp_path, "--resume"), small_data, build("resnet8", seed=0), trained_teacher)
+    sskd.distill(sskd_args(tmp_path, "--resume"), small_data, trained_teacher, build("resnet8", seed=0))
     assert (tmp_path / "stage1" / "checkpoint.pt").stat().st_mtime_ns == stage1_written  # not redone
     assert len((tmp_path / "stage2" / "metrics.jsonl").read_text().splitlines()) == 2
     full = torch.load(full_run[0] / "model.pth", weights_only=True)["model"]
@@ -243,7 +243,7 @@ def test_resume_continues_in_the_phase_it_was_killed_in(full_run, small_data, tr
 def test_joint_and_finetune_all_ablations_train_what_they_say(small_data, tmp_path):
     teacher, student = frozen(build("resnet8", 1)), build("resnet8", 2)
     args = sskd_args(tmp_path, "--joint", "--finetune-all", "--stage-epochs", 1, "--head-epochs", 1)
-    summary = sskd.run_sskd(args, small_data, student, teacher)
+    summary = sskd.distill(args, small_data, teacher, student)
     assert set(summary["phases"]) == {"joint", "head"} and set(summary["stage_feat_mse"]) == {"stage1", "stage2", "stage3"}
     assert summary["phases"]["joint"]["epochs"] == 3 and summary["epochs"] == 4
 

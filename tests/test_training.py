@@ -18,7 +18,7 @@ def train(tmp_path, *extra, model=None):
 
 def test_short_run_learns_and_writes_outputs(tmp_path, synthetic_data):
     args, model = train(tmp_path, "--epochs", 5)
-    summary = common.fit(args, synthetic_data, model, tmp_path, common.make_recipe(args, "cnn"))
+    summary = common.fit(model, synthetic_data, tmp_path, common.make_recipe(args, "cnn"), **common.run_options(args))
     assert summary["last_acc"] > 50  # chance is 10 %
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
@@ -35,7 +35,7 @@ def test_short_run_learns_and_writes_outputs(tmp_path, synthetic_data):
 
 def test_resume_equals_uninterrupted(tmp_path, synthetic_data):
     args, model = train(tmp_path / "full")
-    common.fit(args, synthetic_data, model, tmp_path / "full", common.make_recipe(args, "cnn"))
+    common.fit(model, synthetic_data, tmp_path / "full", common.make_recipe(args, "cnn"), **common.run_options(args))
 
     args, killed = train(tmp_path / "killed")
     def dies_in_epoch_2(x, y, progress):
@@ -43,9 +43,10 @@ def test_resume_equals_uninterrupted(tmp_path, synthetic_data):
             raise KeyboardInterrupt
         return F.cross_entropy(killed(x), y), {}
     with pytest.raises(KeyboardInterrupt):
-        common.fit(args, synthetic_data, killed, tmp_path / "killed", common.make_recipe(args, "cnn"), dies_in_epoch_2)
+        common.fit(killed, synthetic_data, tmp_path / "killed", common.make_recipe(args, "cnn"), loss_fn=dies_in_epoch_2,
+                   **common.run_options(args))
     args, resumed = train(tmp_path / "killed", "--resume")
-    common.fit(args, synthetic_data, resumed, tmp_path / "killed", common.make_recipe(args, "cnn"))
+    common.fit(resumed, synthetic_data, tmp_path / "killed", common.make_recipe(args, "cnn"), **common.run_options(args))
 
     a = torch.load(tmp_path / "full" / "model.pth", weights_only=True)["model"]
     b = torch.load(tmp_path / "killed" / "model.pth", weights_only=True)["model"]
@@ -59,7 +60,8 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, synthetic_data):
         loss = F.cross_entropy(model(x), y)
         return (loss * float("nan") if progress >= 1.5 else loss), {}
     with pytest.raises(FloatingPointError, match="NaN") as error:
-        common.fit(args, synthetic_data, model, tmp_path, common.make_recipe(args, "cnn"), nan_in_epoch_2)
+        common.fit(model, synthetic_data, tmp_path, common.make_recipe(args, "cnn"), loss_fn=nan_in_epoch_2,
+                   **common.run_options(args))
     assert "intact" in str(error.value)
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert checkpoint["epoch"] == 1
