@@ -25,17 +25,18 @@ outputs of student and teacher, tokens (B, N, D) viewed as maps (B, D, sqrt N, s
     loss = CE(y_s, y) + alpha * T^2 KL(softmax(y_t/T) || softmax(y_s/T)) + beta * mean_k L_k
 
 In the code v_s, v_t are `student_vec`, `teacher_vec`; z_s, z_t are `z_student`, `z_teacher`; y_s, y_t are
-`student_logits`, `teacher_logits`; alpha, beta, T, tau are `args.alpha`, `args.beta`, `args.kd_temperature`,
-`args.tau` (`kd_loss(student_logits, teacher_logits, T)`). Averaging a window keeps exactly its lowest-frequency (DC) component, so the s x s grid is the
-map's low-frequency part at scale s, and a 32x32 CNN map and an 8x8 token grid land on the same grids with
-no interpolation. The pyramid alone is a reparametrisation of its finest grid: the 1x1 and 2x2 levels are
-averages of the 4x4 one, so a Linear projector sees the same function class with S = {1, 2, 4} as with
-S = {4}; what the filter does is discard everything finer than the 4x4 grid. The `--no-lowpass` ablation
-therefore keeps it: v = flatten(F) at full resolution (C*H*W values, a larger projector). Both projectors
-train; only the teacher backbone is frozen. At initialisation L_k is about
-ln B, on the scale of the cross-entropy. Logged per epoch: every stage's loss `lfcc_s<k>` and positive-pair
-rank accuracy `rank_acc_s<k>` (% of samples whose nearest teacher embedding is their own; chance 100/B) on
-training batches, and the same on the test set (`test_lfcc_s<k>`, `test_rank_acc_s<k>`, batches of 500).
+`student_logits`, `teacher_logits` (the KD term is `kd_loss(student_logits, teacher_logits, T)`); alpha, beta,
+T, tau are `args.alpha`, `args.beta`, `args.kd_temperature`, `args.tau`. Averaging a window keeps exactly its
+lowest-frequency (DC) component, so the s x s grid is the map's low-frequency part at scale s, and a 32x32 CNN
+map and an 8x8 token grid land on the same grids with no interpolation. The pyramid alone is a
+reparametrisation of its finest grid: the 1x1 and 2x2 levels are averages of the 4x4 one, so a Linear
+projector sees the same function class with S = {1, 2, 4} as with S = {4}; what the filter does is discard
+everything finer than the 4x4 grid. The `--no-lowpass` ablation therefore keeps it: v = flatten(F) at full
+resolution (C*H*W values, a larger projector). Both projectors train; only the teacher backbone is frozen. At
+initialisation L_k is about ln B, on the scale of the cross-entropy. Logged per epoch: every stage's loss
+`lfcc_s<k>` and positive-pair rank accuracy `rank_acc_s<k>` (% of samples whose nearest teacher embedding is
+their own; chance 100/B) on training batches, and the same on the test set (`test_lfcc_s<k>`,
+`test_rank_acc_s<k>`, batches of 500).
 
 Setting. The paper's numbers come from 224x224 ImageNet-architecture models (the OFA-KD benchmark: timm
 models, CIFAR images upsampled, teachers fine-tuned from ImageNet weights). This script trains CIFAR-sized
@@ -203,7 +204,7 @@ def make_eval_fn(args, student, teacher, space, low_pass):
     return eval_fn
 
 
-# ------------------------------------------------------------------------------------------- training
+# ------------------------------------------------------------------------------------- training glue
 
 def distill(args, data, teacher, student):
     """Train `student` (already on the data's device) with LFCC from the frozen `teacher` into args.out_dir;
