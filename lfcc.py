@@ -32,11 +32,14 @@ map and an 8x8 token grid land on the same grids with no interpolation. The pyra
 reparametrisation of its finest grid: the 1x1 and 2x2 levels are averages of the 4x4 one, so a Linear
 projector sees the same function class with S = {1, 2, 4} as with S = {4}; what the filter does is discard
 everything finer than the 4x4 grid. The `--no-lowpass` ablation therefore keeps it: v = flatten(F) at full
-resolution (C*H*W values, a larger projector). Both projectors train; only the teacher backbone is frozen. At
-initialisation L_k is about ln B, on the scale of the cross-entropy. Logged per epoch: every stage's loss
-`lfcc_s<k>` and positive-pair rank accuracy `rank_acc_s<k>` (% of samples whose nearest teacher embedding is
-their own; chance 100/B) on training batches, and the same on the test set (`test_lfcc_s<k>`,
-`test_rank_acc_s<k>`, batches of 500).
+resolution (C*H*W values, a larger projector). `--per-scale` is the other reading of "a set of multi-scale
+low-pass filters" [choice]: every scale's grid v^s = flatten(AvgPool_{s x s}(F)) gets its own projector pair
+and InfoNCE, and L_k is their mean over S; unlike the concatenation this changes the objective (a separate
+contrast per scale, the coarse grids no longer mixed with the fine one). Both projectors train; only the
+teacher backbone is frozen. At initialisation L_k is about ln B, on the scale of the cross-entropy. Logged per
+epoch: every stage's loss `lfcc_s<k>` and positive-pair rank accuracy `rank_acc_s<k>` (% of samples whose
+nearest teacher embedding is their own; chance 100/B) on training batches, and the same on the test set
+(`test_lfcc_s<k>`, `test_rank_acc_s<k>`, batches of 500).
 
 Setting. The paper's numbers come from 224x224 ImageNet-architecture models (the OFA-KD benchmark: timm
 models, CIFAR images upsampled, teachers fine-tuned from ImageNet weights). This script trains CIFAR-sized
@@ -70,14 +73,28 @@ def full_resolution(feature_map, scales=None):
     return feature_map.flatten(1)
 
 
+def low_pass_per_scale(feature_map, scales):
+    """The --per-scale reading of "a set of multi-scale low-pass filters": one vector per scale, each aligned
+    on its own (a projector pair and an InfoNCE per scale, averaged): [(B, C * s^2) for s in scales]."""
+    return [F.adaptive_avg_pool2d(feature_map, s).flatten(1) for s in scales]
+
+
 def make_filter(args):
-    return partial(full_resolution if args.no_lowpass else multiscale_low_pass, scales=args.scales)
+    if args.no_lowpass:
+        return partial(full_resolution, scales=args.scales)
+    return partial(low_pass_per_scale if args.per_scale else multiscale_low_pass, scales=args.scales)
+
+
+def filter_parts(filtered):
+    """A filter's output as a list of the vectors aligned separately: one, except with --per-scale."""
+    return filtered if isinstance(filtered, list) else [filtered]
 
 
 # ---------------------------------------------------------------------------------- the compact space
 
 class CompactSpace(nn.Module):
-    """Per distilled stage a student and a teacher projector, Linear(filtered size -> d), L2-normalised.
+    """Per distilled stage (per stage and scale with --per-scale) a student and a teacher projector,
+    Linear(filtered size -> d), L2-normalised.
 
     The teacher projectors train with the student: they learn which of the teacher's low-frequency content to
     offer, while the teacher's own weights stay frozen. The whole space runs in float32, autocast or not:
@@ -97,9 +114,9 @@ class CompactSpace(nn.Module):
 
 
 def filtered_sizes(model, stages, low_pass):
-    """Length of the filtered vector of each distilled stage, from a dry run of the filter on zeros."""
+    """Length of each filtered vector of each distilled stage (stage-major), from a dry run of the filter."""
     shapes = models.feature_shapes(model)
-    return [low_pass(models.to_map(torch.zeros(1, *shapes[k - 1]))).shape[1] for k in stages]
+    return [v.shape[1] for k in stages for v in filter_parts(low_pass(models.to_map(torch.zeros(1, *shapes[k - 1]))))]
 
 
 def check_frozen_teacher(teacher):
@@ -163,14 +180,19 @@ def stage_alignment(x, student, teacher, space, low_pass, *, stages=(1, 2, 3), t
     `stages` are 1-based and index space's projectors in order; `loss` is "infonce" or "mse"."""
     with torch.no_grad():
         teacher_features, teacher_logits = models.stage_features(teacher, x)
-        teacher_vecs = [low_pass(models.to_map(teacher_features[k - 1])) for k in stages]
+        teacher_vecs = [filter_parts(low_pass(models.to_map(teacher_features[k - 1]))) for k in stages]
     student_features, student_logits = models.stage_features(student, x)
     align = info_nce if loss == "infonce" else mse_alignment
     per_stage = []
     for index, k in enumerate(stages):
-        student_vec = low_pass(models.to_map(student_features[k - 1]))
-        z_student, z_teacher = space(index, student_vec, teacher_vecs[index])
-        per_stage.append(align(z_student, z_teacher, tau))
+        student_vecs = filter_parts(low_pass(models.to_map(student_features[k - 1])))
+        parts = len(student_vecs)  # projector pairs per stage: 1, or one per scale with --per-scale
+        aligned = [align(*space(index * parts + j, student_vec, teacher_vec), tau)
+                   for j, (student_vec, teacher_vec) in enumerate(zip(student_vecs, teacher_vecs[index]))]
+        if parts == 1:
+            per_stage.append(aligned[0])
+        else:  # L_k = the mean over scales of their InfoNCE; the rank accuracy likewise
+            per_stage.append(tuple(torch.stack(values).mean() for values in zip(*aligned)))
     return student_logits, teacher_logits, per_stage
 
 
@@ -216,12 +238,14 @@ def distill(args, data, teacher, student):
     space = make_compact_space(student, teacher, args.stages, low_pass, args.proj_dim).to(data.train_x.device)
     recipe = common.make_recipe(args, models.model_family(student.arch), model_name=student.arch)
     common.log(f"lfcc: stages {args.stages}, "
-               f"{'no low-pass (full resolution)' if args.no_lowpass else f'low-pass scales {args.scales}'}, "
+               f"{'no low-pass (full resolution)' if args.no_lowpass else f'low-pass scales {args.scales}'}"
+               f"{', one alignment per scale' if args.per_scale and not args.no_lowpass else ''}, "
                f"{args.loss} in {args.proj_dim} dims, tau {args.tau}, alpha {args.alpha}, "
                f"beta {args.beta}, T {args.kd_temperature}; projectors {common.count_params(space):,} params")
     method_fields = {"method": "lfcc", "lfcc": {
         "teacher": teacher.arch, "student": student.arch, "stages": args.stages,
-        "filter": "full_resolution" if args.no_lowpass else "multiscale_low_pass", "scales": args.scales,
+        "filter": "full_resolution" if args.no_lowpass else
+                  "low_pass_per_scale" if args.per_scale else "multiscale_low_pass", "scales": args.scales,
         "loss": args.loss, "proj_dim": args.proj_dim, "tau": args.tau, "alpha": args.alpha, "beta": args.beta,
         "kd_temperature": args.kd_temperature, "projector_params": common.count_params(space)}}
     return common.fit(student, data, args.out_dir, recipe,
@@ -244,6 +268,9 @@ def add_args(parser):
     g.add_argument("--no-lowpass", action="store_true",
                    help="ablation: no low-pass filter; each stage output is flattened at its full resolution "
                         "(C*H*W values, every frequency) and projected by a Linear like the filtered vector")
+    g.add_argument("--per-scale", action="store_true",
+                   help="one alignment per scale: a projector pair and an InfoNCE for every s of --scales, averaged "
+                        "into L_k (default: the scales' grids concatenated into one vector per stage)")
     g.add_argument("--proj-dim", type=common.positive_int, default=128,
                    help="dimension d of the compact space (default 128)")
     g.add_argument("--tau", type=common.positive_float, default=0.1, help="InfoNCE temperature (default 0.1)")
@@ -265,6 +292,8 @@ def main(argv=None):
     common.add_distill_args(parser)
     add_args(parser)
     args = parser.parse_args(argv)
+    if args.per_scale and args.no_lowpass:
+        parser.error("--per-scale aligns the scales of the low-pass filter one by one; --no-lowpass has none")
     args.stages = sorted(set(args.stages))
     device, data = common.setup(args, f"lfcc_{args.teacher}_{args.student}", parser)
     teacher = common.load_teacher(args, data)

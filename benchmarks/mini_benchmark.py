@@ -39,6 +39,7 @@ ROWS = {  # row -> (script, flags, label). Order = order of the table.
     "lfcc": ("lfcc.py", [], "LFCC"),
     "lfcc_nolowpass": ("lfcc.py", ["--no-lowpass"], "LFCC without the low-pass filter (`--no-lowpass`)"),
     "lfcc_beta0": ("lfcc.py", ["--beta", "0"], "LFCC with `--beta 0` (= the CE + KD control)"),
+    "lfcc_perscale": ("lfcc.py", ["--per-scale"], "LFCC, one alignment per scale (`--per-scale`)"),
     "sskd": ("sskd.py", EVEN_SPLIT, "SSKD as in the paper (stages, then head on labels)"),
     "sskd_joint": ("sskd.py", ["--joint", *EVEN_SPLIT], "SSKD `--joint` (departure: all stages at once)"),
     "sskd_finetune": ("sskd.py", ["--finetune-all", *EVEN_SPLIT], "SSKD `--finetune-all` (departure: phase B trains all)"),
@@ -178,7 +179,7 @@ def label(row, summary):
 
 # Each method against the control that shares its loss weights (and each ablation against its method).
 COMPARISONS = [("kd", "student"), ("cekd", "student"), ("blockkd", "cekd"), ("blockkd", "blockkd_nocross"),
-               ("lfcc", "cekd"), ("lfcc", "lfcc_nolowpass"), ("lfcc_beta0", "cekd"), ("sskd", "student"),
+               ("lfcc", "cekd"), ("lfcc", "lfcc_nolowpass"), ("lfcc_perscale", "lfcc"), ("lfcc_beta0", "cekd"), ("sskd", "student"),
                ("sskd_joint", "sskd"), ("sskd_finetune", "sskd")]
 
 
