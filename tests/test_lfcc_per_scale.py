@@ -1,6 +1,7 @@
 """LFCC's --per-scale reading: one projector pair and one InfoNCE per scale of the low-pass filter, averaged."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import lfcc
 import models
@@ -37,8 +38,9 @@ def test_stage_loss_is_the_mean_of_the_per_scale_info_nce():
     student_features, _ = models.stage_features(student, x)
     teacher_features, _ = models.stage_features(teacher, x)
     for index, k in enumerate(args.stages):
-        by_scale = [lfcc.info_nce(*space(3 * index + j, torch.nn.functional.adaptive_avg_pool2d(student_features[k - 1], s).flatten(1),
-                                         torch.nn.functional.adaptive_avg_pool2d(teacher_features[k - 1], s).flatten(1)), 0.1)
+        def pooled(features, s):
+            return F.adaptive_avg_pool2d(features[k - 1], s).flatten(1)
+        by_scale = [lfcc.info_nce(*space(3 * index + j, pooled(student_features, s), pooled(teacher_features, s)), 0.1)
                     for j, s in enumerate([1, 2, 4])]
         loss, rank_acc = per_stage[index]
         torch.testing.assert_close(loss, torch.stack([l for l, _ in by_scale]).mean())
