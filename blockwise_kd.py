@@ -244,7 +244,8 @@ def distill(args, data, teacher, student):
     """Train `student` (already on the data's device) with Block-KD from the frozen `teacher` into
     args.out_dir; returns fit's summary, which also holds the method's fields."""
     num_stages = len(teacher.stages())
-    assert len(student.stages()) == num_stages, "teacher and student need the same number of stages"
+    if len(student.stages()) != num_stages:
+        raise SystemExit(f"error: {student.arch} and {teacher.arch} have different numbers of stages")
     stones = parse_stones(args.stones, num_stages)
     ramp_epochs = resolve_ramp_epochs(args, stones)
     stepping_stones = SteppingStones(teacher, student, stones, args.identity_connector).to(data.train_x.device)
