@@ -19,24 +19,12 @@ import common
 import lfcc
 import models
 import sskd
-from conftest import frozen, make_args
-from models.resnet import CifarResNet
-from models.token_models import mlp_mixer
+from conftest import data_slice, frozen, make_args, tiny_model
 
 CPU = torch.device("cpu")
 METHODS = ["alone", "blockwise_kd", "sskd", "lfcc"]
 FP32 = ("--amp", "off", "--no-channels-last")
 BF16 = ("--amp", "bf16", "--channels-last")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These runs are tiny: one thread is fastest, and with more threads than free cores (the suite pinned
-    to one core) the bf16 kernels spin-wait, about 10x slower. The previous setting is restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def fast(*argv):
@@ -72,21 +60,10 @@ def build_teacher(method, channels_last):
     """An untrained frozen teacher (the comparisons need no knowledge in it), in channels_last when the run
     is, as common.load_teacher does. SSKD's is narrower than the student, so that every stage has an
     Adapter (Conv1x1 + BatchNorm) rather than the identity."""
-    torch.manual_seed(1)
-    if method == "sskd":
-        teacher = CifarResNet(8, (8, 8, 16, 32), 10)
-        teacher.arch = "narrow_resnet8"
-    else:
-        teacher = models.create_model("resnet8", 10)
+    teacher = tiny_model("narrow_resnet8" if method == "sskd" else "resnet8", seed=1)
     if channels_last:
         teacher.to(memory_format=torch.channels_last)
     return frozen(teacher)
-
-
-def tiny_mixer():
-    model = mlp_mixer(10, dim=32, depth=3, token_hidden=16, channel_hidden=64)
-    model.arch = "mlp_mixer"  # the token recipe: AdamW
-    return model
 
 
 class Recorder:
@@ -203,8 +180,7 @@ def train(method, data, out_dir, *flags):
             mp.setattr(lfcc, "info_nce", info_nce)
             mp.setattr(lfcc, "CompactSpace", CompactSpace)
             teacher = build_teacher(method, common.fast_paths(args, CPU).channels_last)
-            torch.manual_seed(0)
-            student = tiny_mixer()
+            student = tiny_model("mlp_mixer", seed=0)
             lfcc.distill(args, data, teacher, student)
             return student, {"compact space": rec.modules["compact space"]}, rec
     raise ValueError(method)
@@ -265,9 +241,7 @@ def first_spatial_conv(model):
 def tiny_data(synthetic_data):
     """128 of the training images (4 steps of 32; 8 to 18 of each class) and 100 test images (10 of each):
     each run below takes well under a second on one core."""
-    d = synthetic_data
-    return common.Data(d.train_x[:128], d.train_y[:128], d.test_x[:100], d.test_y[:100], d.num_classes,
-                       d.mean.flatten().tolist(), d.std.flatten().tolist(), d.name)
+    return data_slice(synthetic_data, 128, 100)
 
 
 # One short epoch (SSKD: one per phase, stage 1, 2, 3 and head), batch 32, the recipe's learning rate.
@@ -427,17 +401,9 @@ def test_compiled_step_sees_every_progress_value():
     torch.testing.assert_close(compiled_weight, eager_weight, rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def compile_data(synthetic_data):
-    """The 640 synthetic training images (10 steps of 64) and 500 test images."""
-    d = synthetic_data
-    return common.Data(d.train_x, d.train_y, d.test_x[:500], d.test_y[:500], d.num_classes,
-                       d.mean.flatten().tolist(), d.std.flatten().tolist(), d.name)
-
-
-# 2 epochs of 10 steps (SSKD: 2 per phase), batch 64, fp32 and NCHW so that only compilation differs. For
-# Block-KD this is the reproduction of the bug: teacher resnet8, student resnet8, --epochs 2, the default
-# ramp (20/240 of 2 epochs = 0.1667), so the mean ramp of the epochs must be 0.86 and 1.
+# 2 epochs of 10 steps on small_data's 640 images (SSKD: 2 per phase), batch 64, fp32 and NCHW so that only
+# compilation differs. For Block-KD this is the reproduction of the bug: teacher resnet8, student resnet8,
+# --epochs 2, the default ramp (20/240 of 2 epochs = 0.1667), so the mean ramp of the epochs must be 0.86 and 1.
 COMPILE_RUN = {"alone": ("--epochs", 2), "blockwise_kd": ("--epochs", 2), "sskd": ("--epochs", 8),
                "lfcc": ("--epochs", 2)}
 
@@ -451,12 +417,12 @@ COMPILE_REL, COMPILE_ACC_POINTS = 2e-3, 1.0
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
-def test_compiled_run_logs_what_the_eager_run_logs(method, compile_data, tmp_path):
+def test_compiled_run_logs_what_the_eager_run_logs(method, small_data, tmp_path):
     flags = (*COMPILE_RUN[method], "--batch-size", 64, *FP32)
-    train(method, compile_data, tmp_path / "eager", *flags)
+    train(method, small_data, tmp_path / "eager", *flags)
     torch._dynamo.reset()  # a fresh compile cache: earlier tests' graphs count towards dynamo's recompile limit
     counters.clear()
-    train(method, compile_data, tmp_path / "compiled", *flags, "--compile")
+    train(method, small_data, tmp_path / "compiled", *flags, "--compile")
     assert counters["stats"]["unique_graphs"] >= 1  # it did compile
     eager, compiled = logged(tmp_path / "eager"), logged(tmp_path / "compiled")
     assert not disagreements(eager, compiled, COMPILE_REL, COMPILE_ACC_POINTS)

@@ -8,21 +8,11 @@ import torch.nn as nn
 import common
 import lfcc
 import models
-from conftest import frozen, make_args
-from models.token_models import mlp_mixer, vit
+from conftest import changed_keys, frozen, make_args, snapshot, tiny_model, train_steps
 
 
 def lfcc_args(*argv):
     return make_args("--dataset", "synthetic", "--train-subset", 640, *argv, method_args=lfcc.add_args)
-
-
-def tiny_token_model(name, num_classes=10):
-    if name == "vit":
-        model = vit(num_classes, dim=32, depth=3, heads=2, mlp_hidden=64)
-    else:
-        model = mlp_mixer(num_classes, dim=32, depth=3, token_hidden=16, channel_hidden=64)
-    model.arch = name
-    return model
 
 
 # ------------------------------------------------------------------------------------- low-pass filter
@@ -47,11 +37,13 @@ def test_maps_of_different_sizes_land_on_the_same_grids():
     cnn_map = torch.randn(2, 64, 32, 32)                  # a CIFAR ResNet stage 1
     tokens = torch.randn(2, 64, 128)                      # a Mixer stage: 8x8 tokens of 128 channels
     token_map = models.to_map(tokens)
-    for s in (1, 2, 4):
-        assert nn.functional.adaptive_avg_pool2d(cnn_map, s).shape[-2:] == (s, s)
-        assert nn.functional.adaptive_avg_pool2d(token_map, s).shape[-2:] == (s, s)
     assert lfcc.multiscale_low_pass(cnn_map, [1, 2, 4]).shape == (2, 64 * 21)
     assert lfcc.multiscale_low_pass(token_map, [1, 2, 4]).shape == (2, 128 * 21)
+    # The 1x1 level of a token grid is the mean over the tokens; a 2x2 cell, the mean of its 4x4 tokens.
+    torch.testing.assert_close(lfcc.multiscale_low_pass(token_map, [1]), tokens.mean(1))
+    top_left = [8 * r + c for r in range(4) for c in range(4)]
+    torch.testing.assert_close(lfcc.multiscale_low_pass(token_map, [2]).view(2, 128, 4)[:, :, 0],
+                               tokens[:, top_left].mean(1))
     # A 32x32 map and its own 8x8 block average have exactly the same low-frequency vector: no interpolation.
     coarse = nn.functional.avg_pool2d(cnn_map, 4)
     assert torch.allclose(lfcc.multiscale_low_pass(cnn_map, [1, 2, 4]),
@@ -134,31 +126,28 @@ def test_headline_defaults_and_flags():
 def test_teacher_is_unchanged_and_projectors_of_both_sides_train(synthetic_data):
     args = lfcc_args("--teacher", "resnet8", "--student", "resnet8")
     recipe = common.make_recipe(args, "cnn")
-    torch.manual_seed(0)
-    teacher, student = frozen(models.create_model("resnet8", 10)), models.create_model("resnet8", 10)
-    teacher.bn1.running_mean.normal_()  # not a fresh BN: a change of the buffers would show
+    teacher, student = frozen(tiny_model("resnet8", seed=0)), tiny_model("resnet8")
+    with torch.no_grad():  # not a fresh BN: a change of the buffers would show
+        teacher.bn1.running_mean.normal_()
     low_pass = lfcc.make_filter(args)
-    space = lfcc.CompactSpace(lfcc.filtered_sizes(student, args.stages, low_pass),
-                              lfcc.filtered_sizes(teacher, args.stages, low_pass), args.proj_dim)
+    space = lfcc.make_compact_space(student, teacher, args.stages, low_pass, args.proj_dim)
     loss_fn = lfcc.make_loss_fn(args, recipe, student, teacher, space, low_pass)
-    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    projector_before = [p.clone() for p in space.teacher.parameters()]
-    optimizer = torch.optim.SGD(list(student.parameters()) + list(space.parameters()), lr=0.05)
-    student.train(), space.train()  # as fit does; the teacher stays in eval mode
+    teacher_before, space_before = snapshot(teacher), snapshot(space)
+    # What fit does with distill's train_modules [student, compact space]: every trainable parameter they
+    # give is optimised, and they are put in train mode.
     batches = common.train_batches(synthetic_data, 32, seed=0, epoch=0)
-    for _ in range(3):
-        x, y = next(batches)
-        loss, terms = loss_fn(x, y, 0.0)
-        assert set(terms) == {"ce", "kd", "lfcc", "lfcc_s1", "lfcc_s2", "lfcc_s3",
+    optimizer, terms = train_steps(student, [student, space], loss_fn, [next(batches) for _ in range(3)])
+    assert set(terms[-1]) == {"ce", "kd", "lfcc", "lfcc_s1", "lfcc_s2", "lfcc_s3",
                               "rank_acc_s1", "rank_acc_s2", "rank_acc_s3"}
-        optimizer.zero_grad()
-        loss.backward()
-        assert all(p.grad is None for p in teacher.parameters())
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in space.parameters())
-        assert student.conv1.weight.grad.abs().sum() > 0
-        optimizer.step()
-    assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
-    assert not any(torch.equal(a, b) for a, b in zip(space.teacher.parameters(), projector_before))
+    optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert optimised == {id(p) for m in (student, space) for p in m.parameters()}  # no teacher parameter
+    # The last step's gradients reached every projector, of both sides, and the student's stem.
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in space.parameters())
+    assert student.conv1.weight.grad.abs().sum() > 0
+    assert not any(m.training for m in teacher.modules())
+    assert changed_keys(teacher, teacher_before) == set()  # weights and BatchNorm buffers
+    assert changed_keys(space, space_before) == set(space_before)  # every projector weight and bias moved
+    assert any(k.startswith("teacher.") for k in space_before)
 
 
 def one_step(synthetic_data, teacher, student, *flags):
@@ -179,21 +168,46 @@ def one_step(synthetic_data, teacher, student, *flags):
 @pytest.mark.parametrize("teacher_name, student_name", [("vit", "wrn_16_1"), ("mlp_mixer", "vit"),
                                                         ("wrn_16_1", "resnet8")])
 def test_every_family_pair_runs(synthetic_data, teacher_name, student_name):
-    build = lambda name: (tiny_token_model(name) if models.model_family(name) == "token"
-                          else models.create_model(name, 10))
-    _, terms, _ = one_step(synthetic_data, build(teacher_name), build(student_name))
+    _, terms, _ = one_step(synthetic_data, tiny_model(teacher_name, seed=0), tiny_model(student_name, seed=1))
     assert terms["lfcc"].item() == pytest.approx(math.log(16), abs=1.5)  # near ln B at initialisation
 
 
 @pytest.mark.parametrize("flags, size", [(["--no-lowpass"], 64 * 64), (["--loss", "mse"], 64 * 21),
                                           (["--scales", 1, 2, "--tau", 0.2], 64 * 5)])
-def test_ablations_run(synthetic_data, flags, size):
-    teacher, student = models.create_model("resnet8", 10), tiny_token_model("mlp_mixer")
+def test_ablations_run(synthetic_data, flags, size, monkeypatch):
+    calls = {"info_nce": [], "mse_alignment": []}
+    for name in calls:
+        def recorded(z_student, z_teacher, tau, real=getattr(lfcc, name), name=name):
+            calls[name].append(real(z_student, z_teacher, tau))
+            return calls[name][-1]
+        monkeypatch.setattr(lfcc, name, recorded)
+    teacher, student = tiny_model("resnet8", seed=0), tiny_model("mlp_mixer", seed=1)
     args, terms, sizes = one_step(synthetic_data, teacher, student, "--stages", 3, *flags)
     assert sizes == [size]
     assert set(terms) == {"ce", "kd", "lfcc", "lfcc_s3", "rank_acc_s3"}
-    if "mse" in flags:  # squared distance of unit vectors
-        assert 0 <= terms["lfcc"].item() <= 4
+    # The alignment that --loss names, once for the one stage, is what is logged.
+    used, unused = ("mse_alignment", "info_nce") if "mse" in flags else ("info_nce", "mse_alignment")
+    assert len(calls[used]) == 1 and not calls[unused]
+    assert torch.equal(terms["lfcc"], calls[used][0][0]) and torch.equal(terms["rank_acc_s3"], calls[used][0][1])
+
+
+def unit(*degrees):
+    """2-d unit vectors at these angles."""
+    return torch.tensor([[math.cos(math.radians(d)), math.sin(math.radians(d))] for d in degrees])
+
+
+def test_mse_alignment_is_the_squared_distance_of_the_unit_vectors():
+    e = torch.eye(3)
+    assert lfcc.mse_alignment(e, e)[0].item() == 0 and lfcc.mse_alignment(e, e)[1].item() == 100
+    assert lfcc.mse_alignment(e, -e)[0].item() == 4  # opposite
+    assert lfcc.mse_alignment(e, e[[1, 2, 0]])[0].item() == 2  # orthogonal
+    # The batch mean of one identical, one opposite and one orthogonal pair.
+    assert lfcc.mse_alignment(e, torch.stack([e[0], -e[1], e[0]]))[0].item() == 2
+    # 60 degrees apart: 2 - 2 cos 60 = 1.
+    assert lfcc.mse_alignment(unit(0), unit(60))[0].item() == pytest.approx(1.0, abs=1e-6)
+    # Rank accuracy: students at 0, 90 and 45 degrees, teachers at 10, 70 and 130: students 0 and 1 are
+    # nearest to their own teacher sample, student 2 (35, 25, 85 degrees away) to teacher 1.
+    assert lfcc.mse_alignment(unit(0, 90, 45), unit(10, 70, 130))[1].item() == pytest.approx(200 / 3)
 
 
 def test_similarities_are_float32_under_bf16_autocast():
@@ -226,33 +240,13 @@ def test_similarities_are_float32_under_bf16_autocast():
 
 # ------------------------------------------------------------------------------------ short training
 
-@pytest.fixture(scope="module")
-def small_data(synthetic_data):
-    """The 640 synthetic training images and the first 500 test images: evaluation stays cheap."""
-    d = synthetic_data
-    return common.Data(d.train_x, d.train_y, d.test_x[:500], d.test_y[:500], d.num_classes,
-                       d.mean.flatten().tolist(), d.std.flatten().tolist(), d.name)
-
-
-@pytest.fixture(scope="module")
-def cnn_teacher(small_data, tmp_path_factory):
-    args = make_args("--dataset", "synthetic", "--train-subset", 640, "--epochs", 2)
-    torch.manual_seed(0)
-    teacher = models.create_model("resnet8", 10)
-    common.fit(teacher, small_data, tmp_path_factory.mktemp("teacher"), common.make_recipe(args, "cnn"),
-               **common.run_options(args))
-    teacher.arch = "resnet8"
-    return frozen(teacher)
-
-
 @pytest.mark.parametrize("student_name", ["mlp_mixer", "vit"])
-def test_cnn_to_token_student_learns_and_aligns(tmp_path, small_data, cnn_teacher, student_name):
+def test_cnn_to_token_student_learns_and_aligns(tmp_path, small_data, trained_teacher, student_name):
     args = lfcc_args("--teacher", "resnet8", "--student", student_name, "--epochs", 3, "--lr", 2e-3,
                      "--out-dir", tmp_path)
-    torch.manual_seed(0)
-    student = tiny_token_model(student_name)
-    teacher_before = {k: v.clone() for k, v in cnn_teacher.state_dict().items()}
-    summary = lfcc.distill(args, small_data, cnn_teacher, student)
+    student = tiny_model(student_name, seed=0)
+    teacher_before = snapshot(trained_teacher)
+    summary = lfcc.distill(args, small_data, trained_teacher, student)
 
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     first, last = rows[0], rows[-1]
@@ -262,12 +256,12 @@ def test_cnn_to_token_student_learns_and_aligns(tmp_path, small_data, cnn_teache
         assert last[f"rank_acc_s{k}"] > max(10, first[f"rank_acc_s{k}"])
         assert last[f"test_rank_acc_s{k}"] > 5
         assert last[f"lfcc_s{k}"] < first[f"lfcc_s{k}"] < math.log(128) + 1
-    assert all(torch.equal(v, teacher_before[k]) for k, v in cnn_teacher.state_dict().items())
+    assert changed_keys(trained_teacher, teacher_before) == set()  # BatchNorm buffers included
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["method"] == "lfcc" and saved["lfcc"]["student"] == student_name
     # model.pth holds the student alone; the projectors live in the resumable checkpoint.
     model_keys = set(torch.load(tmp_path / "model.pth", weights_only=True)["model"])
     assert model_keys == set(student.state_dict())
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    space = lfcc.make_compact_space(student, cnn_teacher, args.stages, lfcc.make_filter(args), args.proj_dim)
+    space = lfcc.make_compact_space(student, trained_teacher, args.stages, lfcc.make_filter(args), args.proj_dim)
     assert set(checkpoint["train_modules"][1]) == set(space.state_dict())

@@ -1,10 +1,14 @@
-"""Runs never lose or mix results: run folders, resume, locks, teacher cache, unreadable files, Ctrl-C.
+"""Each script end to end, and runs never lose or mix results: run folders, resume, locks, teacher cache,
+unreadable files, Ctrl-C.
 
 Each test runs the scripts' own `main()` in-process on tiny synthetic data (1-2 epochs of 100 images), as a
-user would from the command line, and checks the one-line refusal and that nothing on disk changed."""
+user would from the command line, and checks what it wrote, or the one-line refusal and that nothing on disk
+changed."""
 import argparse
 import fcntl
+import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +17,8 @@ from PIL import Image
 
 import blockwise_kd as bkd
 import common
+import lfcc
+import sskd
 
 TINY = ["--dataset", "synthetic", "--train-subset", "100", "--batch-size", "50"]
 
@@ -40,6 +46,90 @@ def snapshot(folder):
 def train_once(monkeypatch, out, *extra):
     run(monkeypatch, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--out-dir", out, *extra)
     return snapshot(out)
+
+
+# ---------------------------------------------------------------------------- each script end to end
+
+TEACHER_FILE = Path("checkpoints") / "synthetic-subset100" / "resnet8.pth"  # where the method scripts look
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A folder in which `python common.py --model resnet8 ... --epochs 1 --out-dir alone --save-as-teacher`
+    ran once: its run in alone/, and the teacher the method scripts below find there by default."""
+    root = tmp_path_factory.mktemp("scripts")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        run(mp, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--out-dir", "alone", "--save-as-teacher")
+    return root
+
+
+def written_run(out_dir, arch, method):
+    """summary.json and model.pth of a finished run: a number for last_acc, the method named, and model.pth
+    in the benchmark format, loading strictly into a fresh `arch` with the data's 10 classes."""
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert isinstance(summary["last_acc"], float) and 0 <= summary["last_acc"] <= 100, summary["last_acc"]
+    assert summary.get("method") == method
+    model = common.build_model(arch, 10, torch.device("cpu"))
+    checkpoint = common.load_weights(model, out_dir / "model.pth")  # SystemExit unless the architecture fits
+    assert checkpoint["accuracy"] == summary["last_acc"] and checkpoint["epoch"] == summary["epochs"]
+    return summary, checkpoint["model"]
+
+
+def test_common_script_writes_its_run_and_saves_the_model_as_teacher(workdir):
+    summary, weights = written_run(workdir / "alone", "resnet8", None)
+    assert summary["epochs"] == 1 and summary["evaluated_epochs"] == [1]
+    assert summary["config"]["model"] == "resnet8" and summary["params"] == 78042
+    teacher = torch.load(workdir / TEACHER_FILE, weights_only=True)["model"]
+    assert teacher.keys() == weights.keys() and all(torch.equal(teacher[k], v) for k, v in weights.items())
+
+
+def run_method(monkeypatch, capsys, workdir, main, out_dir, *argv):
+    """Run a method script in `workdir` with the resnet8 teacher that common.py saved there; check that it
+    was found there (not trained again) and left as it was."""
+    monkeypatch.chdir(workdir)
+    teacher_bytes = (workdir / TEACHER_FILE).read_bytes()
+    capsys.readouterr()
+    run(monkeypatch, main, "--teacher", "resnet8", "--student", "resnet8", *TINY, "--epochs", 1, "--out-dir",
+        out_dir, *argv)
+    log = capsys.readouterr().out
+    assert "training it first" not in log and f"teacher resnet8 from {TEACHER_FILE}" in log
+    assert (workdir / TEACHER_FILE).read_bytes() == teacher_bytes
+    teacher = torch.load(workdir / TEACHER_FILE, weights_only=True)["model"]
+    return teacher
+
+
+def test_blockwise_kd_script(workdir, tmp_path, monkeypatch, capsys):
+    teacher = run_method(monkeypatch, capsys, workdir, bkd.main, tmp_path)
+    summary, weights = written_run(tmp_path, "resnet8", "blockwise_kd")
+    assert summary["epochs"] == 1
+    method = summary["blockwise_kd"]
+    assert method["stones"] == [1, 2, 3] and method["teacher"] == "resnet8" and method["connector_params"] > 0
+    assert method["connectors"] == {"1": "Connector", "2": "Connector", "3": "Connector"}
+    assert {"task", "distill", "cross", "ramp", "stone1_acc", "stone2_acc", "stone3_acc"} <= set(summary["last_epoch"])
+    assert not torch.equal(weights["conv1.weight"], teacher["conv1.weight"])  # the student, not the teacher
+
+
+def test_sskd_script(workdir, tmp_path, monkeypatch, capsys):
+    teacher = run_method(monkeypatch, capsys, workdir, sskd.main, tmp_path)  # --epochs 1: 1 epoch per phase
+    summary, weights = written_run(tmp_path, "resnet8", "sskd")
+    assert {name: phase["epochs"] for name, phase in summary["phases"].items()} == \
+        {"stage1": 1, "stage2": 1, "stage3": 1, "head": 1}
+    assert summary["epochs"] == 4 and (tmp_path / "head" / "summary.json").exists()
+    assert set(summary["stage_feat_mse"]) == {"stage1", "stage2", "stage3"}
+    assert all(isinstance(v, float) and v >= 0 for v in summary["stage_feat_mse"].values())
+    assert not torch.equal(weights["conv1.weight"], teacher["conv1.weight"])
+
+
+def test_lfcc_script(workdir, tmp_path, monkeypatch, capsys):
+    teacher = run_method(monkeypatch, capsys, workdir, lfcc.main, tmp_path)
+    summary, weights = written_run(tmp_path, "resnet8", "lfcc")
+    assert summary["epochs"] == 1
+    method = summary["lfcc"]
+    assert (method["teacher"], method["student"], method["stages"]) == ("resnet8", "resnet8", [1, 2, 3])
+    assert method["projector_params"] > 0
+    assert {"ce", "kd", "lfcc", "test_rank_acc_s1", "test_rank_acc_s3"} <= set(summary["last_epoch"])
+    assert not torch.equal(weights["conv1.weight"], teacher["conv1.weight"])
 
 
 # -------------------------------------------------------------------------------------- run folders
@@ -139,16 +229,6 @@ def test_teachers_of_folders_with_the_same_name_are_kept_apart(tmp_path, capsys)
     common.save_atomic(common.model_file(model, 1, 50.0, data_a), path_b)
     with pytest.raises(SystemExit, match="was trained on other data"):
         common.load_teacher(args_b, data_b)
-
-
-def test_save_as_teacher_puts_the_model_where_the_method_scripts_look(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    run(monkeypatch, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--save-as-teacher")
-    assert (tmp_path / "checkpoints" / "synthetic-subset100" / "resnet8.pth").exists()
-    capsys.readouterr()
-    run(monkeypatch, bkd.main, "--teacher", "resnet8", "--student", "resnet8", *TINY, "--epochs", 1)
-    log = capsys.readouterr().out
-    assert "training it first" not in log and "teacher resnet8 from checkpoints/synthetic-subset100/resnet8.pth" in log
 
 
 # --------------------------------------------------------------------------- unreadable and unwritable

@@ -7,25 +7,8 @@ import torch.nn.functional as F
 
 import common
 import sskd
-from conftest import frozen, make_args
-from models import create_model, feature_shapes, stage_features, token_models
-
-
-def tiny_vit(num_classes=10):
-    model = token_models.vit(num_classes, dim=32, depth=3, heads=2, mlp_hidden=64)
-    model.arch = "vit"
-    return model
-
-
-def tiny_mixer(num_classes=10):
-    model = token_models.mlp_mixer(num_classes, dim=32, depth=3, token_hidden=16, channel_hidden=64)
-    model.arch = "mlp_mixer"
-    return model
-
-
-def build(name, seed=0):
-    torch.manual_seed(seed)
-    return {"vit": tiny_vit, "mlp_mixer": tiny_mixer}.get(name, lambda: create_model(name, 10))()
+from conftest import changed_keys, data_slice, frozen, make_args, snapshot, tiny_model
+from models import create_model, feature_shapes, stage_features
 
 
 def sskd_args(out_dir, *extra):
@@ -34,40 +17,27 @@ def sskd_args(out_dir, *extra):
 
 
 @pytest.fixture(scope="module")
-def small_data(synthetic_data):
-    """320 training images (32 per class) and 250 test images: enough to learn, quick on a CPU."""
-    d = synthetic_data
-    return common.Data(d.train_x[:320], d.train_y[:320], d.test_x[:250], d.test_y[:250], d.num_classes,
-                       d.mean.flatten().tolist(), d.std.flatten().tolist(), "synthetic")
+def sskd_data(synthetic_data):
+    """320 training images (32 per class, 10 steps of 32) and 250 test images: enough to learn, quick on a
+    CPU. (The session's trained teacher saw these 320 among its 640.)"""
+    return data_slice(synthetic_data, 320, 250)
 
 
 @pytest.fixture(scope="module")
-def trained_teacher(small_data, tmp_path_factory):
-    args = make_args("--dataset", "synthetic", "--epochs", 6, "--batch-size", 32, "--lr", 0.1)
-    teacher = build("resnet8")
-    summary = common.fit(teacher, small_data, tmp_path_factory.mktemp("teacher"), common.make_recipe(args, "cnn"),
-                         **common.run_options(args))
-    assert summary["last_acc"] > 40
-    return frozen(teacher)
-
-
-@pytest.fixture(scope="module")
-def full_run(small_data, trained_teacher, tmp_path_factory):
-    """An uninterrupted resnet8 -> resnet8 run, 2 epochs per phase."""
+def full_run(sskd_data, trained_teacher, tmp_path_factory):
+    """An uninterrupted resnet8 -> resnet8 run, 2 epochs per phase, from the session's trained teacher; also
+    the names of the teacher's state that changed in the run (none may)."""
     out_dir = tmp_path_factory.mktemp("full")
-    student = build("resnet8", seed=0)
-    summary = sskd.distill(sskd_args(out_dir), small_data, trained_teacher, student)
-    return out_dir, summary, student
+    student = tiny_model("resnet8", seed=0)
+    teacher_before = snapshot(trained_teacher)
+    summary = sskd.distill(sskd_args(out_dir), sskd_data, trained_teacher, student)
+    return out_dir, summary, student, changed_keys(trained_teacher, teacher_before)
 
 
 def names_in(model, module):
     """state_dict names of `model` whose tensors belong to `module` (a view)."""
     ids = {id(t) for t in module.state_dict(keep_vars=True).values()}
     return {name for name, t in model.state_dict(keep_vars=True).items() if id(t) in ids}
-
-
-def snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 @torch.no_grad()
@@ -102,7 +72,7 @@ def test_teacher_input_needs_matching_shapes():
 # ------------------------------------------------------------------------------------------- the loss
 
 def test_stage_loss_is_the_plain_mse():
-    teacher, student = frozen(build("wrn_16_2", 1)), build("resnet8", 2).eval()
+    teacher, student = frozen(tiny_model("wrn_16_2", seed=1)), tiny_model("resnet8", seed=2).eval()
     x = torch.randn(4, 3, 32, 32)
     adapters = {1: sskd.make_adapter((32, 16, 16), (64, 16, 16)).eval()}
     (distance,) = sskd.feature_distances(student, teacher, adapters, x, [1])
@@ -116,7 +86,7 @@ def test_stage_loss_is_the_plain_mse():
     assert student.layer2[0].conv1.weight.grad is not None and adapters[1].conv.weight.grad is not None
     assert student.conv1.weight.grad is None and student.layer1[0].conv1.weight.grad is None
     # --teacher-input: stage 2 is fed the teacher's stage-1 output instead of the student's.
-    teacher = frozen(build("resnet8", 3))
+    teacher = frozen(tiny_model("resnet8", seed=3))
     (distance,) = sskd.feature_distances(student, teacher, {1: nn.Identity()}, x, [1], teacher_input=True)
     with torch.no_grad():
         t1 = teacher.layer1(teacher.relu(teacher.bn1(teacher.conv1(x))))
@@ -125,7 +95,7 @@ def test_stage_loss_is_the_plain_mse():
 
 
 def test_joint_trains_the_whole_backbone_and_the_budget_is_split():
-    teacher, student = frozen(build("resnet8", 1)), build("resnet8", 2)
+    teacher, student = frozen(tiny_model("resnet8", seed=1)), tiny_model("resnet8", seed=2)
     adapters = {k: nn.Identity() for k in range(3)}
     distances = sskd.feature_distances(student, teacher, adapters, torch.randn(4, 3, 32, 32), [0, 1, 2])
     assert len(distances) == 3
@@ -141,7 +111,7 @@ def test_joint_trains_the_whole_backbone_and_the_budget_is_split():
 
 def test_reset_head_reinitialises_linear_and_norm():
     for name, norm in [("vit", "norm"), ("wrn_16_1", "bn1")]:
-        model = build(name)
+        model = tiny_model(name, seed=0)
         with torch.no_grad():
             for p in list(model.fc.parameters()) + list(getattr(model, norm).parameters()):
                 p.fill_(5.0)
@@ -156,17 +126,17 @@ def test_reset_head_reinitialises_linear_and_norm():
 
 @pytest.mark.parametrize("teacher_name,student_name", [("wrn_16_2", "resnet8"), ("resnet8", "vit"),
                                                        ("mlp_mixer", "resnet8")])
-def test_each_phase_changes_only_its_part(teacher_name, student_name, small_data, tmp_path):
-    teacher, student = frozen(build(teacher_name, 1)), build(student_name, 2)
+def test_each_phase_changes_only_its_part(teacher_name, student_name, sskd_data, tmp_path):
+    teacher, student = frozen(tiny_model(teacher_name, seed=1)), tiny_model(student_name, seed=2)
     args = sskd_args(tmp_path, "--epochs", 1)
-    x = small_data.normalize(small_data.test_x[:8])
+    x = sskd_data.normalize(sskd_data.test_x[:8])
     stage2, head = student.stages()[1], student.head()
     keys = list(student.state_dict())
 
     # Phase A, stage 2: only stage 2 (parameters and BatchNorm buffers) and its adapter change.
     before, outputs_before = snapshot(student), stage_outputs(student, x)
-    summary = sskd.train_backbone(args, small_data, student, teacher, [1], 1, tmp_path / "stage2")
-    changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
+    summary = sskd.train_backbone(args, sskd_data, student, teacher, [1], 1, tmp_path / "stage2")
+    changed = changed_keys(student, before)
     assert changed and changed <= names_in(student, stage2)
     assert torch.equal(stage_outputs(student, x)[0], outputs_before[0])
     assert list(student.state_dict()) == keys  # the adapter never became part of the student
@@ -178,17 +148,18 @@ def test_each_phase_changes_only_its_part(teacher_name, student_name, small_data
 
     # Phase B: only the head changes; every stage's output stays bit-identical.
     before, outputs_before = snapshot(student), stage_outputs(student, x)
-    summary = sskd.train_head(args, small_data, student, 1, tmp_path / "head")
-    changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
+    summary = sskd.train_head(args, sskd_data, student, 1, tmp_path / "head")
+    changed = changed_keys(student, before)
     assert changed and changed <= names_in(student, head)
     assert all(torch.equal(a, b) for a, b in zip(stage_outputs(student, x), outputs_before))
     assert summary["last_acc"] is not None
 
 
-def test_run_lowers_every_stage_distance_and_learns_a_head(full_run, small_data, trained_teacher):
-    out_dir, summary, student = full_run
-    fresh = build("resnet8", seed=0).eval()
-    x = small_data.normalize(small_data.test_x)
+def test_run_lowers_every_stage_distance_and_learns_a_head(full_run, sskd_data, trained_teacher):
+    out_dir, summary, student, teacher_changes = full_run
+    assert teacher_changes == set()  # the frozen teacher, BatchNorm buffers included, is what it was
+    fresh = tiny_model("resnet8", seed=0).eval()
+    x = sskd_data.normalize(sskd_data.test_x)
     with torch.no_grad():
         identity = {k: nn.Identity() for k in range(3)}
         initial = sskd.feature_distances(fresh, trained_teacher, identity, x, [0, 1, 2])
@@ -213,7 +184,7 @@ def test_run_lowers_every_stage_distance_and_learns_a_head(full_run, small_data,
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), student.state_dict().values()))
 
 
-def test_resume_continues_in_the_phase_it_was_killed_in(full_run, small_data, trained_teacher, tmp_path,
+def test_resume_continues_in_the_phase_it_was_killed_in(full_run, sskd_data, trained_teacher, tmp_path,
                                                         monkeypatch):
     calls = {"stage2 steps": 0}
     real_distances = sskd.feature_distances
@@ -227,12 +198,12 @@ def test_resume_continues_in_the_phase_it_was_killed_in(full_run, small_data, tr
 
     monkeypatch.setattr(sskd, "feature_distances", dies_in_stage2_epoch2)
     with pytest.raises(KeyboardInterrupt):
-        sskd.distill(sskd_args(tmp_path), small_data, trained_teacher, build("resnet8", seed=0))
+        sskd.distill(sskd_args(tmp_path), sskd_data, trained_teacher, tiny_model("resnet8", seed=0))
     assert (tmp_path / "stage1" / "summary.json").exists() and not (tmp_path / "stage2" / "summary.json").exists()
     stage1_written = (tmp_path / "stage1" / "checkpoint.pt").stat().st_mtime_ns
 
     monkeypatch.setattr(sskd, "feature_distances", real_distances)
-    sskd.distill(sskd_args(tmp_path, "--resume"), small_data, trained_teacher, build("resnet8", seed=0))
+    sskd.distill(sskd_args(tmp_path, "--resume"), sskd_data, trained_teacher, tiny_model("resnet8", seed=0))
     assert (tmp_path / "stage1" / "checkpoint.pt").stat().st_mtime_ns == stage1_written  # not redone
     assert len((tmp_path / "stage2" / "metrics.jsonl").read_text().splitlines()) == 2
     full = torch.load(full_run[0] / "model.pth", weights_only=True)["model"]
@@ -240,10 +211,10 @@ def test_resume_continues_in_the_phase_it_was_killed_in(full_run, small_data, tr
     assert all(torch.equal(full[k], resumed[k]) for k in full)
 
 
-def test_joint_and_finetune_all_ablations_train_what_they_say(small_data, tmp_path):
-    teacher, student = frozen(build("resnet8", 1)), build("resnet8", 2)
+def test_joint_and_finetune_all_ablations_train_what_they_say(sskd_data, tmp_path):
+    teacher, student = frozen(tiny_model("resnet8", seed=1)), tiny_model("resnet8", seed=2)
     args = sskd_args(tmp_path, "--joint", "--finetune-all", "--stage-epochs", 1, "--head-epochs", 1)
-    summary = sskd.distill(args, small_data, teacher, student)
+    summary = sskd.distill(args, sskd_data, teacher, student)
     assert set(summary["phases"]) == {"joint", "head"} and set(summary["stage_feat_mse"]) == {"stage1", "stage2", "stage3"}
     assert summary["phases"]["joint"]["epochs"] == 3 and summary["epochs"] == 4
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import blockwise_kd as bkd
 import lfcc
 import sskd
-from conftest import frozen, make_args
+from conftest import changed_keys, frozen, make_args, snapshot
 from models import (DEFAULT_LR, MODEL_NAMES, OTHER_CNNS, VGGS, classifier, create_model, feature_shapes,
                     model_family, stage_features, state_dict_classes, to_map)
 
@@ -92,14 +92,17 @@ def first_stage_gradient(student):
 @pytest.mark.parametrize("teacher_name,student_name", PAIRS)
 def test_blockwise_kd_step(teacher_name, student_name):
     teacher, student, x, y = pair(teacher_name, student_name)
-    stones = bkd.SteppingStones(teacher, student, [1, 2, 3])
+    teacher_before = snapshot(teacher)
+    stones = bkd.SteppingStones(teacher, student, [1, 2, 3]).train()  # as fit trains it
     features, logits = stage_features(student, x)
     stone_logits = stones.all_logits(features)
     loss = F.cross_entropy(logits, y) + sum(F.cross_entropy(z, y) for z in stone_logits.values())
     loss.backward()
     assert torch.isfinite(loss) and first_stage_gradient(student) > 0
     assert all(p.grad is not None for p in stones.parameters())
-    assert all(p.grad is None for p in teacher.parameters())
+    # Gradients went through the teacher's stages, which stayed in eval mode: BatchNorm buffers unchanged.
+    assert not any(m.training for m in teacher.modules())
+    assert changed_keys(teacher, teacher_before) == set()
 
 
 @pytest.mark.parametrize("teacher_name,student_name", PAIRS)
