@@ -19,27 +19,31 @@ images of the batch are negatives.
 Reconstruction [choice]. For every distilled stage k (--stages, default 1 2 3), F_s and F_t the stage
 outputs of student and teacher, tokens (B, N, D) viewed as maps (B, D, sqrt N, sqrt N):
 
+    F   <- W F  if C > R                                   ChannelReduction: learned 1x1 conv, R = --reduce-channels
     v   = concat_{s in S} flatten(AvgPool_{s x s}(F))      low_pass; S = --scales = {1, 2, 4}: C*21 values
     z_s = normalize(P_s^k v_s),  z_t = normalize(P_t^k v_t)  CompactSpace; P: Linear(21*C -> d), d = --proj-dim
     L_k = 1/2 [CE(z_s z_t^T / tau, I) + CE(z_t z_s^T / tau, I)]   info_nce: target = same sample, tau = --tau
     loss = CE(y_s, y) + alpha * T^2 KL(softmax(y_t/T) || softmax(y_s/T)) + beta * mean_k L_k
 
 In the code v_s, v_t are `student_vec`, `teacher_vec`; z_s, z_t are `z_student`, `z_teacher`; y_s, y_t are
-`student_logits`, `teacher_logits` (the KD term is `kd_loss(student_logits, teacher_logits, T)`); alpha, beta,
-T, tau are `args.alpha`, `args.beta`, `args.kd_temperature`, `args.tau`. Averaging a window keeps exactly its
+`student_logits`, `teacher_logits` (the KD term is `kd_loss(student_logits, teacher_logits, T)`); alpha, beta, T,
+tau are `args.alpha`, `args.beta`, `args.kd_temperature`, `args.tau`. Averaging a window keeps exactly its
 lowest-frequency (DC) component, so the s x s grid is the map's low-frequency part at scale s, and a 32x32 CNN
-map and an 8x8 token grid land on the same grids with no interpolation. The pyramid alone is a
-reparametrisation of its finest grid: the 1x1 and 2x2 levels are averages of the 4x4 one, so a Linear
-projector sees the same function class with S = {1, 2, 4} as with S = {4}; what the filter does is discard
-everything finer than the 4x4 grid. The `--no-lowpass` ablation therefore keeps it: v = flatten(F) at full
-resolution (C*H*W values, a larger projector). `--per-scale` is the other reading of "a set of multi-scale
-low-pass filters" [choice]: every scale's grid v^s = flatten(AvgPool_{s x s}(F)) gets its own projector pair
-and InfoNCE, and L_k is their mean over S; unlike the concatenation this changes the objective (a separate
-contrast per scale, the coarse grids no longer mixed with the fine one). Both projectors train; only the
-teacher backbone is frozen. At initialisation L_k is about ln B, on the scale of the cross-entropy. Logged per
-epoch: every stage's loss `lfcc_s<k>` and positive-pair rank accuracy `rank_acc_s<k>` (% of samples whose
-nearest teacher embedding is their own; chance 100/B) on training batches, and the same on the test set
-(`test_lfcc_s<k>`, `test_rank_acc_s<k>`, batches of 500).
+map and an 8x8 token grid land on the same grids with no interpolation. The pyramid alone is a reparametrisation
+of its finest grid: the 1x1 and 2x2 levels are averages of the 4x4 one, so a Linear projector sees the same
+function class with S = {1, 2, 4} as with S = {4}; what the filter does is discard everything finer than the 4x4
+grid. The `--no-lowpass` ablation therefore keeps it: v = flatten(F) at full resolution (C*H*W values, a larger
+projector). `--per-scale` is the other reading of "a set of multi-scale low-pass filters" [choice]: every scale's
+grid v^s = flatten(AvgPool_{s x s}(F)) gets its own projector pair and InfoNCE, and L_k is their mean over S;
+unlike the concatenation this changes the objective (a separate contrast per scale, the coarse grids no longer
+mixed with the fine one). Both projectors train; only the teacher backbone is frozen. The channel reduction
+(default R = 256, so only the zoo's vgg, ShuffleNet and ResNet50 stages are reduced) keeps the projectors small
+for wide models: 21*C inputs per stage would give ResNet50 -> MobileNetV2 9.8 M projector parameters, 12 times
+the student; it commutes with the filter and is a rank-R factorisation of the projector (see ChannelReduction).
+At initialisation L_k is about ln B, on the scale of the cross-entropy. Logged per epoch: every stage's loss
+`lfcc_s<k>` and positive-pair rank accuracy `rank_acc_s<k>` (% of samples whose nearest teacher embedding is
+their own; chance 100/B) on training batches, and the same on the test set (`test_lfcc_s<k>`,
+`test_rank_acc_s<k>`, batches of 500).
 
 Setting. The paper's numbers come from 224x224 ImageNet-architecture models (the OFA-KD benchmark: timm
 models, CIFAR images upsampled, teachers fine-tuned from ImageNet weights). This script trains CIFAR-sized
@@ -92,19 +96,53 @@ def filter_parts(filtered):
 
 # ---------------------------------------------------------------------------------- the compact space
 
+class ChannelReduction(nn.Module):
+    """--reduce-channels R [choice]: a learned 1x1 convolution from C to R channels (no bias), applied to a stage
+    output wider than R before the filter, so that a projector's input is 21*R values instead of 21*C.
+
+    A 1x1 convolution mixes channels at each position and average pooling mixes positions of each channel, so
+    the two commute: the reduced vector is the low-pass vector of the reduced map, and no frequency above the
+    filter's gets through. A projector after it is Linear(21*C -> d) restricted to P (I_cells (x) W) with W the
+    R x C reduction shared by all cells: a rank-R factorisation, not a new function class. Runs in float32 like
+    the projectors it belongs to."""
+
+    def __init__(self, channels, reduced):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, reduced, kernel_size=1, bias=False)
+
+    def forward(self, feature_map):
+        with torch.autocast(feature_map.device.type, enabled=False):
+            return self.conv(feature_map.float())
+
+
+def channel_reductions(model, stages, reduce_to):
+    """One module per distilled stage: a ChannelReduction for an output wider than `reduce_to` channels, else
+    nn.Identity (no parameters, no random numbers drawn). `reduce_to` 0: none is reduced."""
+    channels = [models.grid_shape(models.feature_shapes(model)[k - 1])[0] for k in stages]
+    return [ChannelReduction(c, reduce_to) if 0 < reduce_to < c else nn.Identity() for c in channels]
+
+
 class CompactSpace(nn.Module):
     """Per distilled stage (per stage and scale with --per-scale) a student and a teacher projector,
-    Linear(filtered size -> d), L2-normalised.
+    Linear(filtered size -> d), L2-normalised; per distilled stage, optionally, each side's channel reduction.
 
     The teacher projectors train with the student: they learn which of the teacher's low-frequency content to
     offer, while the teacher's own weights stay frozen. The whole space runs in float32, autocast or not:
     the filtered vectors are cast up, the projection, normalisation and (in `info_nce`) the similarities are
     float32 matmuls (on CUDA, TF32 may round their inputs' mantissas unless --deterministic)."""
 
-    def __init__(self, student_sizes, teacher_sizes, dim):
+    def __init__(self, student_sizes, teacher_sizes, dim, student_reductions=(), teacher_reductions=()):
         super().__init__()
         self.student = nn.ModuleList(nn.Linear(n, dim) for n in student_sizes)
         self.teacher = nn.ModuleList(nn.Linear(n, dim) for n in teacher_sizes)
+        self.student_reduce = nn.ModuleList(student_reductions)  # empty: no stage is reduced
+        self.teacher_reduce = nn.ModuleList(teacher_reductions)
+
+    def reduce(self, index, student_map, teacher_map):
+        """Distilled stage `index`'s two maps, each through its channel reduction (if the space has any)."""
+        if len(self.student_reduce) == 0:
+            return student_map, teacher_map
+        return self.student_reduce[index](student_map), self.teacher_reduce[index](teacher_map)
 
     def forward(self, index, student_vec, teacher_vec):
         with torch.autocast(student_vec.device.type, enabled=False):
@@ -113,10 +151,14 @@ class CompactSpace(nn.Module):
         return z_student, z_teacher
 
 
-def filtered_sizes(model, stages, low_pass):
-    """Length of each filtered vector of each distilled stage (stage-major), from a dry run of the filter."""
+def filtered_sizes(model, stages, low_pass, reductions=None):
+    """Length of each filtered vector of each distilled stage (stage-major), from a dry run of the filter
+    (after each stage's channel reduction, if given)."""
     shapes = models.feature_shapes(model)
-    return [v.shape[1] for k in stages for v in filter_parts(low_pass(models.to_map(torch.zeros(1, *shapes[k - 1]))))]
+    reductions = reductions or [nn.Identity() for _ in stages]
+    with torch.no_grad():
+        maps = [reduce(models.to_map(torch.zeros(1, *shapes[k - 1]))) for k, reduce in zip(stages, reductions)]
+    return [v.shape[1] for feature_map in maps for v in filter_parts(low_pass(feature_map))]
 
 
 def check_frozen_teacher(teacher):
@@ -130,11 +172,16 @@ def check_frozen_teacher(teacher):
                          f"teacher.requires_grad_(False) first")
 
 
-def make_compact_space(student, teacher, stages, low_pass, dim):
-    """The CompactSpace of a student/teacher pair, its projectors sized by the models' filtered stage outputs;
-    checks (once) that the teacher is frozen and in eval mode."""
+def make_compact_space(student, teacher, stages, low_pass, dim, reduce_channels=256):
+    """The CompactSpace of a student/teacher pair, its projectors sized by the models' filtered stage outputs,
+    stage outputs wider than `reduce_channels` (0: none) reduced to it first; checks (once) that the teacher is
+    frozen and in eval mode."""
     check_frozen_teacher(teacher)
-    return CompactSpace(filtered_sizes(student, stages, low_pass), filtered_sizes(teacher, stages, low_pass), dim)
+    student_reductions = channel_reductions(student, stages, reduce_channels)
+    teacher_reductions = channel_reductions(teacher, stages, reduce_channels)
+    return CompactSpace(filtered_sizes(student, stages, low_pass, student_reductions),
+                        filtered_sizes(teacher, stages, low_pass, teacher_reductions), dim,
+                        student_reductions, teacher_reductions)
 
 
 # ------------------------------------------------------------------------------------------- the loss
@@ -180,15 +227,17 @@ def stage_alignment(x, student, teacher, space, low_pass, *, stages=(1, 2, 3), t
     `stages` are 1-based and index space's projectors in order; `loss` is "infonce" or "mse"."""
     with torch.no_grad():
         teacher_features, teacher_logits = models.stage_features(teacher, x)
-        teacher_vecs = [filter_parts(low_pass(models.to_map(teacher_features[k - 1]))) for k in stages]
     student_features, student_logits = models.stage_features(student, x)
     align = info_nce if loss == "infonce" else mse_alignment
     per_stage = []
     for index, k in enumerate(stages):
-        student_vecs = filter_parts(low_pass(models.to_map(student_features[k - 1])))
+        # outside no_grad: a teacher-side channel reduction is trained (the teacher's map needs no gradient)
+        student_map, teacher_map = space.reduce(index, models.to_map(student_features[k - 1]),
+                                                models.to_map(teacher_features[k - 1]))
+        student_vecs, teacher_vecs = filter_parts(low_pass(student_map)), filter_parts(low_pass(teacher_map))
         parts = len(student_vecs)  # projector pairs per stage: 1, or one per scale with --per-scale
         aligned = [align(*space(index * parts + j, student_vec, teacher_vec), tau)
-                   for j, (student_vec, teacher_vec) in enumerate(zip(student_vecs, teacher_vecs[index]))]
+                   for j, (student_vec, teacher_vec) in enumerate(zip(student_vecs, teacher_vecs))]
         if parts == 1:
             per_stage.append(aligned[0])
         else:  # L_k = the mean over scales of their InfoNCE; the rank accuracy likewise
@@ -228,6 +277,14 @@ def make_eval_fn(args, student, teacher, space, low_pass):
 
 # ------------------------------------------------------------------------------------- training glue
 
+def reduced_note(space, stages, reduce_channels):
+    """'student stages [..] and teacher stages [..] reduced to R channels; ' for the log line, or ''."""
+    sides = [(side, [k for k, r in zip(stages, reductions) if isinstance(r, ChannelReduction)])
+             for side, reductions in (("student", space.student_reduce), ("teacher", space.teacher_reduce))]
+    named = [f"{side} stage{'s' * (len(ks) > 1)} {', '.join(map(str, ks))}" for side, ks in sides if ks]
+    return f"{' and '.join(named)} reduced to {reduce_channels} channels; " if named else ""
+
+
 def distill(args, data, teacher, student):
     """Train `student` (already on the data's device) with LFCC from the frozen `teacher` into args.out_dir;
     returns fit's summary, which also holds the method's fields.
@@ -235,19 +292,22 @@ def distill(args, data, teacher, student):
     The projectors train with the student (train_modules) and are kept in the resumable checkpoint only:
     model.pth holds the student alone."""
     low_pass = make_filter(args)
-    space = make_compact_space(student, teacher, args.stages, low_pass, args.proj_dim).to(data.train_x.device)
+    space = make_compact_space(student, teacher, args.stages, low_pass, args.proj_dim,
+                               args.reduce_channels).to(data.train_x.device)
     recipe = common.make_recipe(args, models.model_family(student.arch), model_name=student.arch)
     common.log(f"lfcc: stages {args.stages}, "
                f"{'no low-pass (full resolution)' if args.no_lowpass else f'low-pass scales {args.scales}'}"
                f"{', one alignment per scale' if args.per_scale and not args.no_lowpass else ''}, "
                f"{args.loss} in {args.proj_dim} dims, tau {args.tau}, alpha {args.alpha}, "
-               f"beta {args.beta}, T {args.kd_temperature}; projectors {common.count_params(space):,} params")
+               f"beta {args.beta}, T {args.kd_temperature}; {reduced_note(space, args.stages, args.reduce_channels)}"
+               f"projectors {common.count_params(space):,} params")
     method_fields = {"method": "lfcc", "lfcc": {
         "teacher": teacher.arch, "student": student.arch, "stages": args.stages,
         "filter": "full_resolution" if args.no_lowpass else
                   "low_pass_per_scale" if args.per_scale else "multiscale_low_pass", "scales": args.scales,
         "loss": args.loss, "proj_dim": args.proj_dim, "tau": args.tau, "alpha": args.alpha, "beta": args.beta,
-        "kd_temperature": args.kd_temperature, "projector_params": common.count_params(space)}}
+        "kd_temperature": args.kd_temperature, "reduce_channels": args.reduce_channels,
+        "projector_params": common.count_params(space)}}
     return common.fit(student, data, args.out_dir, recipe,
                       loss_fn=make_loss_fn(args, recipe, student, teacher, space, low_pass),
                       train_modules=[student, space],
@@ -271,6 +331,10 @@ def add_args(parser):
     g.add_argument("--per-scale", action="store_true",
                    help="one alignment per scale: a projector pair and an InfoNCE for every s of --scales, averaged "
                         "into L_k (default: the scales' grids concatenated into one vector per stage)")
+    g.add_argument("--reduce-channels", type=common.nonnegative_int, default=256, metavar="R",
+                   help="a stage output wider than R channels first passes a learned 1x1 conv to R channels, so "
+                        "the projectors stay small for wide models (ResNet50, vgg, ShuffleNet); 0: never. Default "
+                        "256: the CIFAR ResNets, WRNs, ViT and Mixer are never reduced")
     g.add_argument("--proj-dim", type=common.positive_int, default=128,
                    help="dimension d of the compact space (default 128)")
     g.add_argument("--tau", type=common.positive_float, default=0.1, help="InfoNCE temperature (default 0.1)")

@@ -40,6 +40,7 @@ ROWS = {  # row -> (script, flags, label). Order = order of the table.
     "lfcc_nolowpass": ("lfcc.py", ["--no-lowpass"], "LFCC without the low-pass filter (`--no-lowpass`)"),
     "lfcc_beta0": ("lfcc.py", ["--beta", "0"], "LFCC with `--beta 0` (= the CE + KD control)"),
     "lfcc_perscale": ("lfcc.py", ["--per-scale"], "LFCC, one alignment per scale (`--per-scale`)"),
+    "lfcc_reduce8": ("lfcc.py", ["--reduce-channels", "8"], "LFCC, every stage reduced to 8 channels (`--reduce-channels 8`)"),
     "sskd": ("sskd.py", EVEN_SPLIT, "SSKD as in the paper (stages, then head on labels)"),
     "sskd_joint": ("sskd.py", ["--joint", *EVEN_SPLIT], "SSKD `--joint` (departure: all stages at once)"),
     "sskd_finetune": ("sskd.py", ["--finetune-all", *EVEN_SPLIT], "SSKD `--finetune-all` (departure: phase B trains all)"),
@@ -179,8 +180,8 @@ def label(row, summary):
 
 # Each method against the control that shares its loss weights (and each ablation against its method).
 COMPARISONS = [("kd", "student"), ("cekd", "student"), ("blockkd", "cekd"), ("blockkd", "blockkd_nocross"),
-               ("lfcc", "cekd"), ("lfcc", "lfcc_nolowpass"), ("lfcc_perscale", "lfcc"), ("lfcc_beta0", "cekd"), ("sskd", "student"),
-               ("sskd_joint", "sskd"), ("sskd_finetune", "sskd")]
+               ("lfcc", "cekd"), ("lfcc", "lfcc_nolowpass"), ("lfcc_perscale", "lfcc"), ("lfcc_reduce8", "lfcc"),
+               ("lfcc_beta0", "cekd"), ("sskd", "student"), ("sskd_joint", "sskd"), ("sskd_finetune", "sskd")]
 
 
 def last_accuracies(out, row, student):

@@ -114,7 +114,8 @@ def build_method(method, teacher_name, student_name, num_classes, device, channe
     if method == "lfcc":
         args = method_args(lfcc, [])
         low_pass = lfcc.make_filter(args)
-        space = lfcc.make_compact_space(student, teacher, args.stages, low_pass, args.proj_dim).to(device)
+        space = lfcc.make_compact_space(student, teacher, args.stages, low_pass, args.proj_dim,
+                                        args.reduce_channels).to(device)
         return student, [student, space], lfcc.make_loss_fn(args, recipe, student, teacher, space, low_pass), recipe
     raise ValueError(method)
 

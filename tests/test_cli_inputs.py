@@ -77,6 +77,7 @@ METHOD_BAD = [
     ("sskd", "--feat-weight", "0", "a positive number"),
     ("lfcc", "--scales", "0", "a positive integer"),
     ("lfcc", "--proj-dim", "0", "a positive integer"),
+    ("lfcc", "--reduce-channels", "-1", "an integer >= 0"),
     ("lfcc", "--tau", "0", "a positive number"),
     ("lfcc", "--alpha", "-1", "a number >= 0"),
     ("lfcc", "--beta", "-1", "a number >= 0"),

@@ -129,7 +129,9 @@ def test_readme_copy_example_trains_each_method_and_leaves_the_teacher_unchanged
     run_block("lfcc", ns)
     space = ns["space"]
     assert [m.in_features for m in space.student] == [21 * s[0] for s in STUDENT_SHAPES]
-    assert [m.in_features for m in space.teacher] == [21 * s[0] for s in TEACHER_SHAPES]
+    # ResNet-18's layer4 (512 channels) is wider than reduce_channels=256: a 1x1 conv brings it to 256 first.
+    assert [m.in_features for m in space.teacher] == [21 * min(s[0], 256) for s in TEACHER_SHAPES]
+    assert [type(r).__name__ for r in space.teacher_reduce] == ["Identity", "Identity", "ChannelReduction"]
     assert len(ns["per_stage"]) == 3 and all(math.isfinite(loss.item()) for loss, _ in ns["per_stage"])
     # The loss the README gives as the script's: CE + 1 * KD (T = 4) + 1 * mean of the stage losses.
     student_logits, teacher_logits = ns["student_logits"], ns["teacher_logits"]
