@@ -10,7 +10,7 @@ import lfcc
 import sskd
 from conftest import changed_keys, frozen, make_args, snapshot
 from models import (DEFAULT_LR, MODEL_NAMES, OTHER_CNNS, VGGS, classifier, create_model, feature_shapes,
-                    model_family, stage_features, state_dict_classes, to_map)
+                    model_family, stage_features, state_dict_classes)
 
 NEW = list(VGGS) + list(OTHER_CNNS)
 
@@ -121,15 +121,11 @@ def test_lfcc_step(teacher_name, student_name):
     teacher, student, x, _ = pair(teacher_name, student_name)
     args = make_args("--dataset", "synthetic", method_args=lfcc.add_args)
     low_pass = lfcc.make_filter(args)
-    space = lfcc.CompactSpace(lfcc.filtered_sizes(student, args.stages, low_pass),
-                              lfcc.filtered_sizes(teacher, args.stages, low_pass), args.proj_dim)
-    with torch.no_grad():
-        teacher_features, _ = stage_features(teacher, x)
-    student_features, _ = stage_features(student, x)
-    loss = 0
-    for index, k in enumerate(args.stages):
-        z_s, z_t = space(index, low_pass(to_map(student_features[k - 1])), low_pass(to_map(teacher_features[k - 1])))
-        loss = loss + F.cross_entropy(z_s @ z_t.t() / args.tau, torch.arange(len(x)))  # in-batch contrast
+    space = lfcc.make_compact_space(student, teacher, args.stages, low_pass, args.proj_dim, args.reduce_channels)
+    _, _, per_stage = lfcc.stage_alignment(x, student, teacher, space, low_pass, stages=args.stages, tau=args.tau)
+    loss = torch.stack([stage_loss for stage_loss, _ in per_stage]).mean()
     loss.backward()
     assert torch.isfinite(loss) and first_stage_gradient(student) > 0
-    assert all(p.grad is not None for p in space.parameters())
+    assert all(p.grad is not None for p in space.parameters())  # projectors and channel reductions
+    # Wide stage outputs are reduced to 256 channels: no projector takes more than 21 * 256 inputs.
+    assert max(m.in_features for m in [*space.student, *space.teacher]) <= 21 * 256
