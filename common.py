@@ -668,17 +668,22 @@ def ensure_writable(path, what):
                          f"{error.strerror or error}); nothing was run") from None
 
 
-def config_differences(saved, current):
-    """'--epochs 3 (the run has 2)' for every training flag whose value differs."""
+def config_differences(saved, current, defaults=None):
+    """'--epochs 3 (the run has 2)' for every training flag whose value differs. A flag that the run's record
+    lacks (the flag is newer than the run) counts as the same when it is at its default in `defaults`: a new
+    flag's default keeps the behaviour the run was started with."""
+    defaults = json.loads(json.dumps(defaults or {}, default=str))
     differences = []
     for key in sorted(set(saved) | set(current)):
+        if key not in saved and key in defaults and current.get(key) == defaults[key]:
+            continue
         if saved.get(key) != current.get(key):
             name = "the data (content fingerprint)" if key == "data" else "--" + key.replace("_", "-")
             differences.append(f"{name} {flag_value(current.get(key))} (the run has {flag_value(saved.get(key))})")
     return differences
 
 
-def claim_out_dir(args, data):
+def claim_out_dir(args, data, parser=None):
     """Before anything is trained: the run folder is writable and locked; a fresh run does not start over an
     existing one (unless --overwrite); --resume continues only a run of the same training flags and data."""
     out_dir = Path(args.out_dir)
@@ -692,7 +697,8 @@ def claim_out_dir(args, data):
         raise SystemExit(f"error: {out_dir} already holds a run ({', '.join(results[:4])}); add --resume to "
                          f"continue it, or choose another --out-dir (--overwrite replaces it)")
     if args.resume and saved is not None:
-        differences = config_differences(saved["config"], config)
+        defaults = {key: parser.get_default(key) for key in config} if parser else {}
+        differences = config_differences(saved["config"], config, defaults)
         if differences:
             raise SystemExit(f"error: cannot resume {out_dir} with other training flags: {'; '.join(differences)}. "
                              f"Resume with the run's flags, or choose another --out-dir (nothing was changed)")
@@ -862,7 +868,7 @@ def setup(args, run_name, parser):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.deterministic
     data = load_data(args, device)
     args.out_dir = args.out_dir or default_out_dir(args, parser, run_name, data)
-    claim_out_dir(args, data)
+    claim_out_dir(args, data, parser)
     if getattr(args, "teacher", None) and not args.teacher_ckpt and \
             not any(p.exists() for p in teacher_candidates(args, data)):  # a teacher will be trained and saved
         ensure_writable(teacher_path(args, data, args.teacher).parent, "--checkpoint-dir")

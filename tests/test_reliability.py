@@ -176,6 +176,19 @@ def test_resume_with_another_training_flag_is_refused_naming_each_flag(tmp_path,
     assert "resumed" in capsys.readouterr().out
 
 
+def test_a_run_from_before_a_flag_existed_resumes_only_with_that_flag_at_its_default(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    train_once(monkeypatch, out)
+    record = json.loads((out / "run.json").read_text())
+    del record["config"]["label_smoothing"]  # as if --label-smoothing had been added after the run started
+    (out / "run.json").write_text(json.dumps(record))
+    message = refused(monkeypatch, capsys, common.main, "--model", "resnet8", *TINY, "--epochs", 1,
+                      "--label-smoothing", 0.1, "--out-dir", out, "--resume")
+    assert "--label-smoothing 0.1 (the run has None)" in message
+    run(monkeypatch, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--out-dir", out, "--resume")
+    assert "resumed" in capsys.readouterr().out
+
+
 def test_a_second_process_on_the_same_folder_is_refused(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     out.mkdir()
