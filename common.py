@@ -668,19 +668,26 @@ def ensure_writable(path, what):
                          f"{error.strerror or error}); nothing was run") from None
 
 
-def config_differences(saved, current, defaults=None):
-    """'--epochs 3 (the run has 2)' for every training flag whose value differs. A flag that the run's record
-    lacks (the flag is newer than the run) counts as the same when it is at its default in `defaults`: a new
-    flag's default keeps the behaviour the run was started with."""
-    defaults = json.loads(json.dumps(defaults or {}, default=str))
+def config_differences(saved, current, assumed=None):
+    """'--epochs 3 (the run has 2)' for every training flag whose value differs. `assumed`: for a flag that the
+    run's record lacks (the flag is newer than the run), the value the run had in effect."""
+    assumed = json.loads(json.dumps(assumed or {}, default=str))
     differences = []
     for key in sorted(set(saved) | set(current)):
-        if key not in saved and key in defaults and current.get(key) == defaults[key]:
-            continue
-        if saved.get(key) != current.get(key):
-            name = "the data (content fingerprint)" if key == "data" else "--" + key.replace("_", "-")
+        name = "the data (content fingerprint)" if key == "data" else "--" + key.replace("_", "-")
+        if key not in saved and key in assumed:
+            if current.get(key) != assumed[key]:
+                differences.append(f"{name} {flag_value(current.get(key))} (the run is older than this flag; it "
+                                   f"ran as {name} {flag_value(assumed[key])})")
+        elif saved.get(key) != current.get(key):
             differences.append(f"{name} {flag_value(current.get(key))} (the run has {flag_value(saved.get(key))})")
     return differences
+
+
+def set_value_before_flag(parser, **values):
+    """Declare what a run recorded before a flag existed had in effect, where that is not the flag's default
+    (e.g. lfcc's --reduce-channels: 0, no reduction). Otherwise a new flag's default is assumed."""
+    parser.values_before_flags = {**getattr(parser, "values_before_flags", {}), **values}
 
 
 def claim_out_dir(args, data, parser=None):
@@ -697,11 +704,15 @@ def claim_out_dir(args, data, parser=None):
         raise SystemExit(f"error: {out_dir} already holds a run ({', '.join(results[:4])}); add --resume to "
                          f"continue it, or choose another --out-dir (--overwrite replaces it)")
     if args.resume and saved is not None:
-        defaults = {key: parser.get_default(key) for key in config} if parser else {}
-        differences = config_differences(saved["config"], config, defaults)
+        newer_flags = [key for key in config if key not in saved["config"]] if parser else []
+        assumed = {key: getattr(parser, "values_before_flags", {}).get(key, parser.get_default(key))
+                   for key in newer_flags}
+        differences = config_differences(saved["config"], config, assumed)
         if differences:
             raise SystemExit(f"error: cannot resume {out_dir} with other training flags: {'; '.join(differences)}. "
                              f"Resume with the run's flags, or choose another --out-dir (nothing was changed)")
+        if newer_flags:  # record them, so that a later change of their default cannot slip through
+            save_json({**saved, "config": {**saved["config"], **{key: config[key] for key in newer_flags}}}, run_file)
     elif args.resume and results:
         log(f"warning: {out_dir} has no {RUN_FILE} (a run from before flags were recorded): its flags cannot be "
             f"checked against these")

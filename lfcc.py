@@ -39,11 +39,11 @@ unlike the concatenation this changes the objective (a separate contrast per sca
 mixed with the fine one). Both projectors train; only the teacher backbone is frozen. The channel reduction
 (default R = 256, so only the zoo's vgg, ShuffleNet and ResNet50 stages are reduced) keeps the projectors small
 for wide models: 21*C inputs per stage would give ResNet50 -> MobileNetV2 9.8 M projector parameters, 12 times
-the student; it commutes with the filter and is a rank-R factorisation of the projector (see ChannelReduction).
-At initialisation L_k is about ln B, on the scale of the cross-entropy. Logged per epoch: every stage's loss
-`lfcc_s<k>` and positive-pair rank accuracy `rank_acc_s<k>` (% of samples whose nearest teacher embedding is
-their own; chance 100/B) on training batches, and the same on the test set (`test_lfcc_s<k>`,
-`test_rank_acc_s<k>`, batches of 500).
+the student; it commutes with the filter and restricts the projector to one shared R-dimensional channel subspace
+for all cells (see ChannelReduction). At initialisation L_k is about ln B, on the scale of the cross-entropy.
+Logged per epoch: every stage's loss `lfcc_s<k>` and positive-pair rank accuracy `rank_acc_s<k>` (% of samples
+whose nearest teacher embedding is their own; chance 100/B) on training batches, and the same on the test set
+(`test_lfcc_s<k>`, `test_rank_acc_s<k>`, batches of 500).
 
 Setting. The paper's numbers come from 224x224 ImageNet-architecture models (the OFA-KD benchmark: timm
 models, CIFAR images upsampled, teachers fine-tuned from ImageNet weights). This script trains CIFAR-sized
@@ -96,15 +96,18 @@ def filter_parts(filtered):
 
 # ---------------------------------------------------------------------------------- the compact space
 
+REDUCED_CHANNELS = 256  # --reduce-channels' default: above the widest CIFAR ResNet/WRN, ViT and Mixer stage
+
+
 class ChannelReduction(nn.Module):
     """--reduce-channels R [choice]: a learned 1x1 convolution from C to R channels (no bias), applied to a stage
     output wider than R before the filter, so that a projector's input is 21*R values instead of 21*C.
 
-    A 1x1 convolution mixes channels at each position and average pooling mixes positions of each channel, so
-    the two commute: the reduced vector is the low-pass vector of the reduced map, and no frequency above the
-    filter's gets through. A projector after it is Linear(21*C -> d) restricted to P (I_cells (x) W) with W the
-    R x C reduction shared by all cells: a rank-R factorisation, not a new function class. Runs in float32 like
-    the projectors it belongs to."""
+    A 1x1 convolution mixes channels at each position and average pooling mixes positions of each channel with
+    the same weights for every channel, so the two commute: the reduced vector is the low-pass vector of the
+    reduced map, and no frequency above the filter's gets through. The projector after it is a subset of
+    Linear(21*C -> d): every cell's channel weights lie in one shared R-dimensional subspace (the rows of W), a
+    real restriction of capacity when R < C. Runs in float32 like the projectors it belongs to."""
 
     def __init__(self, channels, reduced):
         super().__init__()
@@ -135,6 +138,8 @@ class CompactSpace(nn.Module):
         super().__init__()
         self.student = nn.ModuleList(nn.Linear(n, dim) for n in student_sizes)
         self.teacher = nn.ModuleList(nn.Linear(n, dim) for n in teacher_sizes)
+        if len(student_reductions) != len(teacher_reductions):
+            raise ValueError("give both sides' channel reductions (one per distilled stage each), or neither")
         self.student_reduce = nn.ModuleList(student_reductions)  # empty: no stage is reduced
         self.teacher_reduce = nn.ModuleList(teacher_reductions)
 
@@ -157,7 +162,7 @@ def filtered_sizes(model, stages, low_pass, reductions=None):
     shapes = models.feature_shapes(model)
     reductions = reductions or [nn.Identity() for _ in stages]
     with torch.no_grad():
-        maps = [reduce(models.to_map(torch.zeros(1, *shapes[k - 1]))) for k, reduce in zip(stages, reductions)]
+        maps = [reduction(models.to_map(torch.zeros(1, *shapes[k - 1]))) for k, reduction in zip(stages, reductions)]
     return [v.shape[1] for feature_map in maps for v in filter_parts(low_pass(feature_map))]
 
 
@@ -172,7 +177,7 @@ def check_frozen_teacher(teacher):
                          f"teacher.requires_grad_(False) first")
 
 
-def make_compact_space(student, teacher, stages, low_pass, dim, reduce_channels=256):
+def make_compact_space(student, teacher, stages, low_pass, dim, reduce_channels=REDUCED_CHANNELS):
     """The CompactSpace of a student/teacher pair, its projectors sized by the models' filtered stage outputs,
     stage outputs wider than `reduce_channels` (0: none) reduced to it first; checks (once) that the teacher is
     frozen and in eval mode."""
@@ -331,10 +336,11 @@ def add_args(parser):
     g.add_argument("--per-scale", action="store_true",
                    help="one alignment per scale: a projector pair and an InfoNCE for every s of --scales, averaged "
                         "into L_k (default: the scales' grids concatenated into one vector per stage)")
-    g.add_argument("--reduce-channels", type=common.nonnegative_int, default=256, metavar="R",
+    g.add_argument("--reduce-channels", type=common.nonnegative_int, default=REDUCED_CHANNELS, metavar="R",
                    help="a stage output wider than R channels first passes a learned 1x1 conv to R channels, so "
                         "the projectors stay small for wide models (ResNet50, vgg, ShuffleNet); 0: never. Default "
                         "256: the CIFAR ResNets, WRNs, ViT and Mixer are never reduced")
+    common.set_value_before_flag(parser, reduce_channels=0)  # LFCC runs started before the flag: no reduction
     g.add_argument("--proj-dim", type=common.positive_int, default=128,
                    help="dimension d of the compact space (default 128)")
     g.add_argument("--tau", type=common.positive_float, default=0.1, help="InfoNCE temperature (default 0.1)")

@@ -1,4 +1,8 @@
 """LFCC's --reduce-channels: a learned 1x1 conv that brings a wide stage output to R channels before the filter."""
+import argparse
+import json
+
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -13,14 +17,15 @@ def pair():
     return frozen(models.create_model("resnet8", 10)), models.create_model("resnet8", 10)  # 16, 32, 64 channels
 
 
-def test_the_reduction_commutes_with_the_low_pass_filter():
+@pytest.mark.parametrize("height, width", [(16, 16), (5, 5), (7, 3), (2, 2), (1, 1)])  # windows that overlap;
+def test_the_reduction_commutes_with_the_low_pass_filter(height, width):                 # grids finer than the map
     torch.manual_seed(0)
     reduce = lfcc.ChannelReduction(12, 5)
-    feature_map = torch.randn(3, 12, 16, 16)
+    feature_map = torch.randn(3, 12, height, width)
     reduced_then_filtered = lfcc.multiscale_low_pass(reduce(feature_map), [1, 2, 4])
     # The same conv applied to each s x s grid of the unreduced map's low-pass pyramid.
     filtered_then_reduced = torch.cat([reduce(F.adaptive_avg_pool2d(feature_map, s)).flatten(1) for s in (1, 2, 4)], 1)
-    torch.testing.assert_close(reduced_then_filtered, filtered_then_reduced)
+    torch.testing.assert_close(reduced_then_filtered, filtered_then_reduced, rtol=0, atol=1e-5)
     assert reduced_then_filtered.shape == (3, 5 * 21)
 
 
@@ -38,17 +43,20 @@ def test_only_stages_wider_than_r_are_reduced_and_the_projectors_shrink_to_21_r_
     assert common.count_params(space) == expected == 434_944
 
 
-def test_narrow_pairs_get_the_same_space_as_without_reduction_bit_for_bit():
+def test_narrow_pairs_get_the_space_they_had_before_the_flag_bit_for_bit():
     teacher, student = pair()
     low_pass = lfcc.make_filter(make_args(method_args=lfcc.add_args))
     torch.manual_seed(1)
-    default = lfcc.make_compact_space(student, teacher, [1, 2, 3], low_pass, 16, reduce_channels=256)
-    torch.manual_seed(1)
-    never = lfcc.make_compact_space(student, teacher, [1, 2, 3], low_pass, 16, reduce_channels=0)
-    assert default.state_dict().keys() == never.state_dict().keys()  # old checkpoints still load
-    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), never.state_dict().values()))
+    default = lfcc.make_compact_space(student, teacher, [1, 2, 3], low_pass, 16)  # R = 256 > 64 channels
+    after_default = torch.rand(3)
+    torch.manual_seed(1)  # the space as it was built before --reduce-channels existed
+    before = lfcc.CompactSpace(lfcc.filtered_sizes(student, [1, 2, 3], low_pass),
+                               lfcc.filtered_sizes(teacher, [1, 2, 3], low_pass), 16)
+    assert torch.equal(torch.rand(3), after_default)  # the Identity stages drew no random numbers
+    assert default.state_dict().keys() == before.state_dict().keys()  # old checkpoints still load
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), before.state_dict().values()))
     x = torch.randn(4, 3, 32, 32)
-    losses = [lfcc.stage_alignment(x, student, teacher, space, low_pass)[2] for space in (default, never)]
+    losses = [lfcc.stage_alignment(x, student, teacher, space, low_pass)[2] for space in (default, before)]
     assert all(torch.equal(a[0], b[0]) for a, b in zip(*losses))
 
 
@@ -81,3 +89,26 @@ def test_a_wide_teacher_gets_a_small_space():
     assert sizes == {0: 2_613_504, 256: 2_056_448, 64: 778_496}  # as in the README's table of the 13 pairs
     kinds = [type(r).__name__ for r in lfcc.channel_reductions(teacher, [1, 2, 3], 256)]
     assert kinds == ["Identity", "Identity", "ChannelReduction"]
+
+
+def test_an_lfcc_run_from_before_the_flag_resumes_only_as_it_ran_without_reduction(tmp_path):
+    parser = argparse.ArgumentParser()
+    common.add_common_args(parser)
+    common.add_distill_args(parser)
+    lfcc.add_args(parser)
+    data = argparse.Namespace(fingerprint="0123456789abcdef")
+
+    def claim(*argv):
+        args = parser.parse_args(["--out-dir", str(tmp_path), "--resume", *map(str, argv)])
+        common.claim_out_dir(args, data, parser)
+
+    record = {"config": common.training_config(parser.parse_args(["--out-dir", str(tmp_path)]), data)}
+    del record["config"]["reduce_channels"]  # run.json of a run started before --reduce-channels existed
+    (tmp_path / "run.json").write_text(json.dumps(record))
+    (tmp_path / "metrics.jsonl").write_text("")
+    # At the new default a wide pair would build another space than the run's checkpoint holds: refused.
+    with pytest.raises(SystemExit, match=r"--reduce-channels 256 \(the run is older than this flag; it ran as "
+                                         r"--reduce-channels 0\)"):
+        claim()
+    claim("--reduce-channels", 0)
+    assert json.loads((tmp_path / "run.json").read_text())["config"]["reduce_channels"] == 0  # now recorded

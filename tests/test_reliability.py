@@ -184,9 +184,10 @@ def test_a_run_from_before_a_flag_existed_resumes_only_with_that_flag_at_its_def
     (out / "run.json").write_text(json.dumps(record))
     message = refused(monkeypatch, capsys, common.main, "--model", "resnet8", *TINY, "--epochs", 1,
                       "--label-smoothing", 0.1, "--out-dir", out, "--resume")
-    assert "--label-smoothing 0.1 (the run has None)" in message
+    assert "--label-smoothing 0.1 (the run is older than this flag; it ran as --label-smoothing None)" in message
     run(monkeypatch, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--out-dir", out, "--resume")
     assert "resumed" in capsys.readouterr().out
+    assert "label_smoothing" in json.loads((out / "run.json").read_text())["config"]  # recorded from now on
 
 
 def test_a_second_process_on_the_same_folder_is_refused(tmp_path, monkeypatch, capsys):
