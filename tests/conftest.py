@@ -23,14 +23,19 @@ from models.wrn import WideResNet  # noqa: E402
 torch.set_num_threads(1)
 
 
-def make_args(*argv, method_args=None):
-    """Parse the shared flags (plus a method's own `add_args`) as a script would."""
+def make_parser(method_args=None):
+    """A method script's parser: the shared flags plus the method's own `add_args`."""
     parser = argparse.ArgumentParser()
     common.add_common_args(parser)
     common.add_distill_args(parser)
     if method_args:
         method_args(parser)
-    return parser.parse_args([str(a) for a in argv])
+    return parser
+
+
+def make_args(*argv, method_args=None):
+    """Parse the shared flags (plus a method's own `add_args`) as a script would."""
+    return make_parser(method_args).parse_args([str(a) for a in argv])
 
 
 def frozen(model):

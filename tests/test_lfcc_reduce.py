@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import common
 import lfcc
 import models
-from conftest import frozen, make_args
+from conftest import frozen, make_args, make_parser
 
 
 def pair():
@@ -92,10 +92,7 @@ def test_a_wide_teacher_gets_a_small_space():
 
 
 def test_an_lfcc_run_from_before_the_flag_resumes_only_as_it_ran_without_reduction(tmp_path):
-    parser = argparse.ArgumentParser()
-    common.add_common_args(parser)
-    common.add_distill_args(parser)
-    lfcc.add_args(parser)
+    parser = make_parser(lfcc.add_args)
     data = argparse.Namespace(fingerprint="0123456789abcdef")
 
     def claim(*argv):

@@ -19,6 +19,7 @@ import blockwise_kd as bkd
 import common
 import lfcc
 import sskd
+from conftest import make_parser
 
 TINY = ["--dataset", "synthetic", "--train-subset", "100", "--batch-size", "50"]
 
@@ -135,10 +136,7 @@ def test_lfcc_script(workdir, tmp_path, monkeypatch, capsys):
 # -------------------------------------------------------------------------------------- run folders
 
 def test_commands_that_train_differently_get_different_default_folders():
-    parser = argparse.ArgumentParser()
-    common.add_common_args(parser)
-    common.add_distill_args(parser)
-    bkd.add_args(parser)
+    parser = make_parser(bkd.add_args)
     data = argparse.Namespace(fingerprint="0123456789abcdef")
 
     def folder(*argv):
