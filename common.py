@@ -924,15 +924,30 @@ def identify_architecture(state_dict):
     return None
 
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+# What torchvision's ImageFolder reads (.jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp), and the other names of
+# JPEG and the Netpbm and GIF files that Pillow reads. Any other file is counted, named, and not read.
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
+                    ".pgm", ".pbm", ".pnm"}
+
+
+class UnsupportedImage(ValueError):
+    """An image Pillow decodes but that has no defined 8-bit reading (32-bit integer or float pixels)."""
 
 
 def read_image(path):
-    """One image file as an RGB 32x32 uint8 array (H, W, 3)."""
+    """One image file as an RGB 32x32 uint8 array (H, W, 3). 16-bit greyscale is scaled to 8 bits (Pillow's
+    convert('RGB') clips it: a 46 % grey would become white); 32-bit integer or float pixels are refused."""
     from PIL import Image  # torchvision depends on Pillow
 
     with Image.open(path) as img:
-        img = img.convert("RGB")  # decodes the whole file: a truncated one fails here
+        img.load()  # decodes the whole file: a truncated one fails here
+        if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):  # PNG has at most 16 bits
+            grey = np.round(np.asarray(img, dtype=np.float64) / 257).astype(np.uint8)
+            img = Image.fromarray(grey, "L")
+        elif img.mode in ("I", "F"):
+            raise UnsupportedImage(f"32-bit {'integer' if img.mode == 'I' else 'float'} pixels have no defined "
+                                   f"8-bit scale; save it with 8 or 16 bits per channel")
+        img = img.convert("RGB")
         if img.size != (32, 32):
             img = img.resize((32, 32), Image.BILINEAR)
         return np.asarray(img)
@@ -944,33 +959,61 @@ def unreadable_reason(path, error):
 
     if path.stat().st_size == 0:
         return "empty file"
+    if isinstance(error, UnsupportedImage):
+        return str(error)
     if isinstance(error, UnidentifiedImageError):
         return "not an image format Pillow can read"
     return "cannot be decoded: " + (" ".join(str(error).split())[:100] or type(error).__name__)
 
 
-def load_image_folder(root):
-    """`root/train/<class>/*` and `root/test/<class>/*`, any size and mode, as RGB 32x32 uint8.
+def files_under(folder):
+    """Every file under `folder` at any depth, sorted (symbolic links followed, as ImageFolder does, each
+    folder once), and the hidden entries (names starting with '.') left out, with what they hold."""
+    files, hidden, seen = [], [], set()
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # a link back to a folder already read
+            dirs[:] = []
+            continue
+        seen.add(real)
+        hidden += [Path(top) / name for name in sorted(dirs + names) if name.startswith(".")]
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [Path(top) / name for name in sorted(names) if not name.startswith(".")]
+    return files, hidden
 
-    Both splits must have the same class folders, and every image file must be readable: a run refuses
-    rather than skips, so that a benchmark never trains or tests on fewer images than the folder holds."""
+
+def load_image_folder(root):
+    """`root/train/<class>/**` and `root/test/<class>/**`, any size and mode, as RGB 32x32 uint8.
+
+    Both splits must have the same class folders, each with images, and every image file (at any depth under
+    its class folder) must be readable: a run refuses rather than skips, so that a benchmark never trains or
+    tests on fewer images than the folder holds. Names starting with '.' (.ipynb_checkpoints, .DS_Store) are
+    neither classes nor images; they and the files that are not images by their extension are counted and
+    named in one log line."""
     root = Path(root).expanduser()
     if not (root / "train").is_dir() or not (root / "test").is_dir():
         raise SystemExit(f"error: {root}/ has no train/ and test/ folders of class sub-folders. For the "
                          f"CIFAR-10 images: mkdir -p {root} && tar -xzf ../shared/data/cifar10_jpeg.tar.gz -C {root}")
-    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
-    test_classes = sorted(d.name for d in (root / "test").iterdir() if d.is_dir())
+    entries = {split: sorted((root / split).iterdir()) for split in ("train", "test")}
+    class_lists = {split: [p.name for p in found if p.is_dir() and not p.name.startswith(".")]
+                   for split, found in entries.items()}
+    classes, test_classes = class_lists["train"], class_lists["test"]
     if classes != test_classes:
         only_train = sorted(set(classes) - set(test_classes))
         only_test = sorted(set(test_classes) - set(classes))
         raise SystemExit(f"error: {root}/train/ and {root}/test/ have different classes: only in train/: "
                          f"{', '.join(only_train) or 'none'}; only in test/: {', '.join(only_test) or 'none'}")
+    hidden = [p for found in entries.values() for p in found if p.name.startswith(".")]
+    not_images = [p for found in entries.values() for p in found if not p.is_dir() and not p.name.startswith(".")]
     splits, unreadable, total = {}, [], 0
     for split in ("train", "test"):
         images, labels = [], []
         for label, cls in enumerate(classes):
-            for path in sorted((root / split / cls).iterdir()):
+            files, hidden_here = files_under(root / split / cls)
+            hidden += hidden_here
+            for path in files:
                 if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                    not_images.append(path)
                     continue
                 total += 1
                 try:
@@ -983,10 +1026,20 @@ def load_image_folder(root):
         path, reason = unreadable[0]
         raise SystemExit(f"error: cannot read {path} ({reason}); {len(unreadable)} of the {total} image files "
                          f"under {root}/ cannot be read in all. Replace or delete them: a run does not skip images")
+    if not classes:
+        raise SystemExit(f"error: no class folders found under {root}/train/ (expected train/<class>/ folders)")
+    empty = [f"{split}/{classes[c]}/" for split, (_, labels) in splits.items()
+             for c in sorted(set(range(len(classes))) - set(labels))]
+    if empty:
+        raise SystemExit(f"error: {root}/: no images in {', '.join(empty)}; every class needs training and test "
+                         f"images (a class without test images would not be measured)")
+    skipped = [f"{len(found)} {what} (e.g. {found[0].relative_to(root)})"
+               for found, what in ((hidden, "hidden entries, names starting with '.', ignored"),
+                                   (not_images, "files that are not images by their extension")) if found]
+    if skipped:
+        log(f"{root}/: not read: {'; '.join(skipped)}; image extensions: {' '.join(sorted(IMAGE_EXTENSIONS))}")
     tensors = []
-    for split, (images, labels) in splits.items():
-        if not images:
-            raise SystemExit(f"error: no images found under {root / split}/<class>/")
+    for images, labels in splits.values():
         tensors += [torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)]
     return tensors, len(classes)
 

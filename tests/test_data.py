@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -86,3 +87,68 @@ def test_missing_cifar_without_network_says_what_to_do(monkeypatch, tmp_path):
         common.load_data(make_args("--data-dir", tmp_path), torch.device("cpu"))
     message = str(error.value)
     assert str(tmp_path) in message and "download=True" in message
+
+
+# ------------------------------------------- image folders: every file read or counted, none distorted
+
+def image_folder(root, files):
+    """Write {relative path: PIL image or text} under root; returns root."""
+    for relative, content in files.items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, str):
+            path.write_text(content)
+        else:
+            content.save(path)  # the format from the extension (.jfif and .jpe are JPEG)
+    return root
+
+
+def rgb(value):
+    return Image.new("RGB", (32, 32), (value, value, value))
+
+
+def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped(tmp_path):
+    ramp = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    Image.fromarray(np.full((32, 32), 30146, dtype=np.uint16)).save(tmp_path / "grey.png")  # 46 % grey
+    assert Image.open(tmp_path / "ramp.png").mode.startswith("I")
+    pixels = common.read_image(tmp_path / "ramp.png")
+    assert pixels.dtype == np.uint8 and pixels.shape == (32, 32, 3)
+    assert np.abs(pixels[..., 0].astype(float) - ramp / 257).max() <= 0.5  # was 0, 64, 128, 192, 255, 255, ...
+    assert (common.read_image(tmp_path / "grey.png") == 117).all()  # was 255: white
+
+
+def test_images_with_no_8_bit_reading_are_refused_by_name(tmp_path):
+    folder = image_folder(tmp_path, {"train/a/x.png": rgb(0), "test/a/y.png": rgb(0)})
+    Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)).save(folder / "train" / "a" / "float.tif")
+    with pytest.raises(SystemExit) as stop:
+        common.load_image_folder(folder)
+    assert str(folder / "train" / "a" / "float.tif") in str(stop.value) and "32-bit float" in str(stop.value)
+
+
+def test_every_file_under_a_class_folder_is_read_or_counted(tmp_path, capsys):
+    folder = image_folder(tmp_path, {
+        "train/cat/a.png": rgb(10), "train/cat/b.JFIF": rgb(20), "train/cat/c.jpe": rgb(30),
+        "train/cat/sub/deeper/d.png": rgb(40), "train/cat/notes.txt": "not an image",
+        "train/dog/e.png": rgb(50), "test/cat/f.png": rgb(60), "test/dog/g.png": rgb(70),
+        "train/.ipynb_checkpoints/h.png": rgb(80), "test/.ipynb_checkpoints/i.png": rgb(90),
+        "train/dog/.DS_Store": "finder", "train/README.md": "about"})
+    (train_x, train_y, test_x, test_y), num_classes = common.load_image_folder(folder)
+    assert num_classes == 2  # .ipynb_checkpoints is no class
+    assert train_y.tolist() == [0, 0, 0, 0, 1] and test_y.tolist() == [0, 1]  # sub-folders, .jfif and .jpe read
+    assert train_x[:, 0, 0, 0].tolist() == pytest.approx([10, 20, 30, 40, 50], abs=2)  # in sorted order, depth last
+    line = capsys.readouterr().out.strip()
+    assert "not read: 3 hidden entries, names starting with '.', ignored (e.g. train/.ipynb_checkpoints)" in line
+    assert "2 files that are not images by their extension (e.g. train/README.md)" in line
+
+
+@pytest.mark.parametrize("missing", ["test/dog", "train/dog"])
+def test_a_class_without_training_or_test_images_is_named(missing, tmp_path):
+    files = {"train/cat/a.png": rgb(0), "train/dog/b.png": rgb(0), "test/cat/c.png": rgb(0), "test/dog/d.png": rgb(0)}
+    files = {k: v for k, v in files.items() if not k.startswith(missing)}
+    folder = image_folder(tmp_path, files)
+    (folder / missing).mkdir(parents=True, exist_ok=True)
+    (folder / missing / "notes.txt").write_text("no images here")
+    with pytest.raises(SystemExit) as stop:
+        common.load_image_folder(folder)
+    assert str(stop.value).startswith(f"error: {folder}/: no images in {missing}/; every class needs training and test")
