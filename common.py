@@ -151,6 +151,11 @@ def load_data(args, device):
         if args.train_subset < num_classes:
             raise SystemExit(f"error: --train-subset {args.train_subset} is fewer than the {num_classes} classes "
                              f"of {args.dataset}: a class-balanced subset needs one image per class at least")
+        if args.train_subset % num_classes:
+            lower = args.train_subset // num_classes * num_classes
+            raise SystemExit(f"error: --train-subset {args.train_subset} does not split evenly over the {num_classes} "
+                             f"classes of {args.dataset}: use a multiple of {num_classes}, e.g. {lower} or "
+                             f"{lower + num_classes}")
         keep = balanced_subset(train_y, args.train_subset, num_classes, seed=0)
         train_x, train_y = train_x[keep], train_y[keep]
     if args.dataset in ("folder", "synthetic"):  # statistics of the images actually trained on
@@ -549,6 +554,8 @@ def save_atomic(obj, path):
 def load_weights(model, path):
     """Load a checkpoint (benchmark format, ours, or a bare state_dict) into `model`, strictly."""
     path = Path(path)
+    if path.is_dir():
+        raise SystemExit(f"error: checkpoint {path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise SystemExit(f"error: checkpoint {path} does not exist")
     try:
@@ -762,6 +769,20 @@ def nonnegative_float(text):
     return number(text, float, lambda v: v >= 0, "a number >= 0")
 
 
+MAX_SEED = 2 ** 32 - 1  # numpy's limit; train_batches' seed * 100_003 + epoch then fits torch's int64
+
+
+def seed_int(text):
+    return number(text, int, lambda v: 0 <= v <= MAX_SEED, f"an integer in 0..{MAX_SEED}")
+
+
+def path_flag(text):
+    """A path: any string but the empty one (`--out-dir ""` would silently mean the default folder)."""
+    if not text:
+        raise argparse.ArgumentTypeError("must be a path, not an empty string")
+    return text
+
+
 def fraction(text):
     return number(text, float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
@@ -799,7 +820,7 @@ def add_common_args(parser):
     g.add_argument("--dataset", default="cifar100", choices=["cifar100", "cifar10", "folder", "synthetic"],
                    help="cifar100/cifar10 (torchvision files in --data-dir), folder (DIR/train/<class>/*, "
                         "DIR/test/<class>/*), or synthetic (generated, for smoke runs and tests)")
-    g.add_argument("--data-dir", default="data", help="where the dataset is (default: data)")
+    g.add_argument("--data-dir", type=path_flag, default="data", help="where the dataset is (default: data)")
     g.add_argument("--train-subset", type=nonnegative_int, default=0, metavar="N",
                    help="train on a class-balanced subset of N images (fixed choice, same for every seed)")
     g = parser.add_argument_group("training recipe (unset: the student family's default)")
@@ -821,11 +842,11 @@ def add_common_args(parser):
                    help=f"cross-entropy label smoothing ({family_defaults('label_smoothing')})")
     g.add_argument("--grad-clip", type=nonnegative_float, help="clip the gradient norm (default off)")
     g = parser.add_argument_group("run")
-    g.add_argument("--seed", type=nonnegative_int, default=0,
+    g.add_argument("--seed", type=seed_int, default=0,
                    help="seed of initialisation and augmentation (default 0)")
     g.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda or cpu")
-    g.add_argument("--out-dir", help="where metrics.jsonl, summary.json and checkpoints go (default under runs/)")
+    g.add_argument("--out-dir", type=path_flag, help="where metrics.jsonl, summary.json and checkpoints go (default under runs/)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out-dir from its last complete epoch (refused if a training flag "
                         "differs from the run's; starts afresh if the folder holds no run)")
@@ -836,7 +857,7 @@ def add_common_args(parser):
                         "accuracy is then the best of the evaluated epochs, listed in summary.json")
     g.add_argument("--log-every", type=nonnegative_float, default=30,
                    help="seconds between progress lines within an epoch")
-    g.add_argument("--checkpoint-dir", default="checkpoints", help="where teachers are looked for and saved")
+    g.add_argument("--checkpoint-dir", type=path_flag, default="checkpoints", help="where teachers are looked for and saved")
     g = parser.add_argument_group("speed (defaults depend on the device; the first log line of a run shows them)")
     g.add_argument("--amp", choices=["bf16", "off"],
                    help="bf16 autocast of forward and loss (default: bf16 on CUDA, off on CPU)")
@@ -859,7 +880,7 @@ def add_distill_args(parser):
                    help="teacher architecture (default %(default)s)")
     g.add_argument("--student", default="resnet8x4", choices=MODEL_NAMES, metavar="NAME",
                    help="student architecture (default %(default)s); names: " + ", ".join(MODEL_NAMES))
-    g.add_argument("--teacher-ckpt", type=Path,
+    g.add_argument("--teacher-ckpt", type=path_flag,
                    help="teacher checkpoint; default: checkpoints/<dataset>/<teacher>.pth or the public "
                         "checkpoints/<teacher>_vanilla/ckpt_epoch_240.pth, else the teacher is trained first")
     g.add_argument("--teacher-epochs", type=positive_int, default=240,
@@ -878,7 +899,8 @@ def setup(args, run_name, parser):
         torch.backends.cudnn.deterministic = args.deterministic
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.deterministic
     data = load_data(args, device)
-    args.out_dir = args.out_dir or default_out_dir(args, parser, run_name, data)
+    if args.out_dir is None:
+        args.out_dir = default_out_dir(args, parser, run_name, data)
     claim_out_dir(args, data, parser)
     if getattr(args, "teacher", None) and not args.teacher_ckpt and \
             not any(p.exists() for p in teacher_candidates(args, data)):  # a teacher will be trained and saved
@@ -1065,7 +1087,7 @@ def load_teacher(args, data):
     device = data.train_x.device
     teacher = build_model(args.teacher, data.num_classes, device)
     candidates = teacher_candidates(args, data)
-    path = args.teacher_ckpt or next((p for p in candidates if p.exists()), None)
+    path = Path(args.teacher_ckpt) if args.teacher_ckpt else next((p for p in candidates if p.exists()), None)
     if path is None:
         target = candidates[0]
         log(f"no {args.teacher} teacher checkpoint for {dataset_tag(args, data)} (looked for "

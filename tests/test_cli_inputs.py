@@ -59,7 +59,9 @@ SHARED_BAD = [
     ("--weight-decay", "-0.0005", "a number >= 0"), ("--milestones", "0", "a positive integer"),
     ("--lr-decay", "0", "a positive number"), ("--warmup-epochs", "-1", "a number >= 0"),
     ("--label-smoothing", "1", "a number in [0, 1)"), ("--grad-clip", "-1", "a number >= 0"),
-    ("--seed", "-1", "an integer >= 0"), ("--eval-every", "0", "a positive integer"),
+    ("--seed", "-1", "an integer in 0..4294967295"), ("--eval-every", "0", "a positive integer"),
+    ("--seed", "1000000000000000", "an integer in 0..4294967295"),  # overflowed torch's generator seed
+    ("--seed", "4294967296", "an integer in 0..4294967295"),
     ("--log-every", "-1", "a number >= 0"),
 ]
 METHOD_BAD = [
@@ -113,6 +115,18 @@ def test_edge_values_that_are_allowed():
     assert (args.alpha, args.beta, args.scales) == (0, 0, [4])
 
 
+def test_the_largest_seed_is_allowed_and_trains(synthetic_data):
+    assert make_args("--seed", common.MAX_SEED).seed == 2 ** 32 - 1
+    x, y = next(common.train_batches(synthetic_data, 8, seed=common.MAX_SEED, epoch=10_000))  # no int64 overflow
+    assert x.shape == (8, 3, 32, 32)
+
+
+@pytest.mark.parametrize("flag", ["--out-dir", "--data-dir", "--checkpoint-dir", "--teacher-ckpt"])
+def test_an_empty_path_is_a_parser_error(flag, nothing_runs, capsys):
+    line = parser_error("blockwise_kd", ["--dataset", "synthetic", flag, ""], capsys)  # --out-dir "" meant the default
+    assert line.endswith(f"error: argument {flag}: must be a path, not an empty string"), line
+
+
 # ------------------------------------------------------------------------------------------ --device
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -138,6 +152,8 @@ def test_available_devices_parse(monkeypatch):
 @pytest.mark.parametrize("subset, wanted", [
     (5, "error: --train-subset 5 is fewer than the 10 classes of synthetic"),
     (101, "error: --train-subset 101 is more than the 100 training images of synthetic"),
+    (29, "error: --train-subset 29 does not split evenly over the 10 classes of synthetic: use a multiple of 10, "
+         "e.g. 20 or 30"),  # it trained on 20 and recorded 29
 ])
 def test_train_subset_outside_the_data_stops_before_any_model(script, subset, wanted, monkeypatch):
     small = common.make_synthetic(train_size=100, test_size=20)

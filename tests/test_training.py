@@ -78,6 +78,8 @@ def test_wrong_checkpoint_names_both(tmp_path):
     torch.save({"model": create_model("wrn_16_2", 100).state_dict(), "epoch": 240}, tmp_path / "public.pth")
     with pytest.raises(SystemExit, match="wrn_16_2 with 100 classes.*resnet8x4"):
         common.load_weights(create_model("resnet8x4", 100), tmp_path / "public.pth")
+    with pytest.raises(SystemExit, match=f"checkpoint {tmp_path} is a directory, not a checkpoint file"):
+        common.load_weights(create_model("resnet8", 10), tmp_path)  # it said "does not exist"
     (tmp_path / "junk.pth").write_text("not a checkpoint")
     with pytest.raises(SystemExit, match="not a readable"):
         common.load_weights(create_model("resnet8", 10), tmp_path / "junk.pth")
