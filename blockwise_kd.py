@@ -266,7 +266,7 @@ def distill(args, data, teacher, student):
                       train_modules=[student, stepping_stones],
                       eval_fn=make_eval_fn(student, stepping_stones),
                       title=f"Block-KD {teacher.arch} -> {student.arch}", summary_fields=method_fields,
-                      **common.run_options(args))
+                      **common.run_options(args, teacher))
 
 
 def stones_flag(text):
@@ -312,7 +312,7 @@ def main(argv=None):
     common.add_distill_args(parser)
     add_args(parser)
     args = parser.parse_args(argv)
-    device, data = common.setup(args, f"blockwise_kd_{args.teacher}_{args.student}", parser)
+    device, data = common.setup(args, "blockwise_kd", parser)
     teacher = common.load_teacher(args, data)
     torch.manual_seed(args.seed)
     student = common.build_model(args.student, data.num_classes, device)

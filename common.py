@@ -24,11 +24,15 @@ loss_fn, train_modules and eval_fn); fast paths; checkpoints; run folders; comma
 own banner, conveniences (architecture identification, image folders, automatic teacher training); `main`.
 """
 import argparse
+import contextlib
 import hashlib
+import io
 import json
 import math
 import os
 import shlex
+import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -283,7 +287,7 @@ def default_eval(model):
 
 
 def fit(model, data, out_dir, recipe, *, seed, loss_fn=None, train_modules=None, eval_fn=None, fast=None,
-        resume=False, eval_every=1, log_every=30.0, title="", summary_fields=None, config=None):
+        resume=False, eval_every=1, log_every=30.0, title="", summary_fields=None, config=None, teacher=None):
     """Train and evaluate `model` on `data` with `recipe` (see make_recipe) into `out_dir`; return the summary.
 
     model: the network that is evaluated and saved as `model.pth` (the student).
@@ -298,7 +302,9 @@ def fit(model, data, out_dir, recipe, *, seed, loss_fn=None, train_modules=None,
         is tracked for best/last accuracy when present. Default: the model's accuracy.
     fast: the speed settings of `fast_paths` (default: the device's defaults); resume: continue from
         out_dir/checkpoint.pt if there is one; eval_every, log_every: as the flags of those names.
-    summary_fields: extra entries of summary.json (a method's own record); config: the run's flags, for it.
+    summary_fields: extra entries of summary.json (a method's own record); config: the run's flags, for it
+        and for the checkpoint's identity; teacher: the frozen teacher's record (teacher_record), likewise.
+    title: what this fit trains (a teacher, an SSKD phase, ...), in the log and in the checkpoint's identity.
     """
     out_dir = Path(out_dir)
     ensure_writable(out_dir, "the run folder")
@@ -310,15 +316,15 @@ def fit(model, data, out_dir, recipe, *, seed, loss_fn=None, train_modules=None,
     fast = fast or fast_paths(None, device)
     optimizer, train_step = prepare_training(model, train_modules, loss_fn, recipe, fast, device)
     checkpoint_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.jsonl"
-    # What this loop trains: a checkpoint of anything else (another length, model, seed or data) is not resumed.
-    identity = json.loads(json.dumps({"model": model.arch, "seed": seed, "data": data.fingerprint, **recipe}))
+    identity = run_identity(model, data, recipe, seed, config, teacher, title)
     start_epoch, best_acc, best_epoch, history = 0, None, None, []
     if resume and checkpoint_path.exists():
         start_epoch, best_acc, best_epoch, history = restore_checkpoint(
             checkpoint_path, identity, model, train_modules, optimizer, device)
-        log(f"resumed {out_dir} at epoch {start_epoch}/{recipe['epochs']}")
-    with open(metrics_path, "w") as f:  # rewritten from the checkpoint's history: no duplicate epochs after a resume
-        f.writelines(json.dumps(h) + "\n" for h in history)
+        last_checkpoint.update(path=checkpoint_path, epoch=start_epoch, epochs=recipe["epochs"])
+        log(f"resumed {out_dir} at epoch {start_epoch}/{recipe['epochs']}"
+            + (" (finished: no epoch left to train)" if start_epoch == recipe["epochs"] else ""))
+    write_metrics(metrics_path, history)  # from the checkpoint's history: no duplicate epochs after a resume
 
     steps_per_epoch = math.ceil(len(data.train_y) / recipe["batch_size"])
     run_start = time.time()
@@ -341,7 +347,7 @@ def fit(model, data, out_dir, recipe, *, seed, loss_fn=None, train_modules=None,
                 term_sums[name] = term_sums.get(name, 0) + value.float() * len(y)
             seen += len(y)
             progress_line.maybe_log(step, loss_sum, seen)
-        check_finite(loss_sum, epoch, checkpoint_path)
+        check_finite(loss_sum, epoch, checkpoint_path, recipe)
         train_seconds = time.time() - progress_line.start
         row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / seen, "lr": lr,
                "images_per_sec": seen / train_seconds}
@@ -352,35 +358,46 @@ def fit(model, data, out_dir, recipe, *, seed, loss_fn=None, train_modules=None,
         if "test_acc" in row and (best_acc is None or row["test_acc"] > best_acc):
             best_acc, best_epoch = row["test_acc"], epoch + 1
         history.append(row)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
         save_atomic({"model": model.state_dict(), "train_modules": [m.state_dict() for m in train_modules],
                      "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "best_acc": best_acc,
                      "best_epoch": best_epoch, "history": history, "identity": identity}, checkpoint_path)
+        write_metrics(metrics_path, history)  # after the checkpoint, from which a resume rewrites it
         last_checkpoint.update(path=checkpoint_path, epoch=epoch + 1, epochs=recipe["epochs"])
         log_epoch(row, recipe["epochs"], history)
 
+    records = {"config": config, "teacher": teacher}
     summary = write_summary(out_dir, model, data, recipe, history, best_acc, best_epoch, fast,
-                            {**(summary_fields or {}), **({"config": config} if config is not None else {})})
+                            {**(summary_fields or {}), **{k: v for k, v in records.items() if v is not None}})
     log(f"done in {format_seconds(time.time() - run_start)}: last acc {summary['last_acc']}, best {best_acc} "
         f"(epoch {best_epoch}) -> {out_dir}")
     return summary
 
 
-def run_options(args):
-    """fit's keyword arguments that a script's command line sets: `fit(..., **run_options(args))`."""
+def run_options(args, teacher=None):
+    """fit's keyword arguments that a script's command line sets: `fit(..., **run_options(args, teacher))`."""
     return dict(seed=args.seed, resume=args.resume, eval_every=args.eval_every, log_every=args.log_every,
-                fast=fast_paths(args, torch.device(args.device)), config=vars(args))
+                fast=fast_paths(args, torch.device(args.device)), config=vars(args),
+                teacher=teacher_record(teacher) if teacher is not None else None)
+
+
+def run_identity(model, data, recipe, seed, config, teacher, title):
+    """What one fit trains, as its checkpoint records it: the run's training flags (a method's included), the
+    model, seed, data and recipe, the teacher's weights, and the part of the run (`title`). A checkpoint of
+    anything else is not resumed."""
+    return json.loads(json.dumps({
+        "flags": training_flags(config or {}), "model": model.arch, "seed": seed, "data": data.fingerprint,
+        "recipe": recipe, "teacher": teacher and {k: teacher[k] for k in ("arch", "weights")},
+        "part": title or model.arch}, default=str))
 
 
 def restore_checkpoint(path, identity, model, train_modules, optimizer, device):
     """Load fit's checkpoint.pt into the model, train modules and optimizer, after checking it is a checkpoint
     of the same training (`identity`); returns (epoch, best_acc, best_epoch, history)."""
     state = load_checkpoint(path, device)
-    differences = config_differences(state.get("identity", identity), identity)
-    if differences:
-        raise SystemExit(f"error: {path} is from another training run ({'; '.join(differences)}); "
-                         f"nothing was changed. Delete its folder to train afresh, or choose another folder")
+    found = differences(identity_entries(state.get("identity", {})), identity_entries(identity), "the checkpoint")
+    if found:
+        raise SystemExit(f"error: {path} is from another training run ({'; '.join(found)}); nothing was "
+                         f"changed. Delete its folder to train afresh, or choose another folder")
     model.load_state_dict(state["model"])
     for module, module_state in zip(train_modules, state["train_modules"]):
         module.load_state_dict(module_state)
@@ -400,7 +417,7 @@ class ProgressLine:
         if time.time() - self.last_print <= self.log_every or step + 1 >= self.steps:
             return
         self.last_print = time.time()
-        check_finite(loss_sum, self.epoch, self.checkpoint_path)
+        check_finite(loss_sum, self.epoch, self.checkpoint_path, self.recipe)
         speed = seen / (self.last_print - self.start)
         epoch_seconds = self.steps * self.recipe["batch_size"] / speed
         eta = epoch_seconds * (self.recipe["epochs"] - self.epoch) - (self.last_print - self.start)
@@ -426,20 +443,27 @@ def write_summary(out_dir, model, data, recipe, history, best_acc, best_epoch, f
                "seconds": sum(h["seconds"] for h in history),
                "mean_images_per_sec": sum(h["images_per_sec"] for h in history) / max(1, len(history)),
                "evaluated_epochs": [h["epoch"] for h in history if "test_acc" in h],
-               "last_epoch": last, "recipe": recipe, "fast_paths": vars(fast), "data": data.fingerprint, **fields}
-    with open(Path(out_dir) / "summary.json", "w") as f:
-        json.dump(summary, f, indent=1, default=str)
+               "last_epoch": last, "recipe": recipe, "fast_paths": vars(fast), "data": data.fingerprint,
+               "threads": torch.get_num_threads(), **fields}
+    save_json(summary, Path(out_dir) / "summary.json")
     return summary
+
+
+def write_metrics(path, history):
+    """metrics.jsonl, one JSON object per epoch, rewritten whole (atomically) after every epoch."""
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in history).encode())
 
 
 last_checkpoint = {}  # path, epoch, epochs of the newest checkpoint this process wrote (for the Ctrl-C line)
 
 
-def check_finite(loss_sum, epoch, checkpoint_path):
+def check_finite(loss_sum, epoch, checkpoint_path, recipe):
     if not torch.isfinite(loss_sum):
         kept = f"the last good checkpoint {checkpoint_path} is intact" if checkpoint_path.exists() else "no checkpoint was written"
-        raise FloatingPointError(f"the training loss became NaN/inf in epoch {epoch + 1}; stopped ({kept}). "
-                                 f"Lower the learning rate or the loss weights, then rerun with --resume.")
+        raise FloatingPointError(
+            f"the training loss became NaN/inf in epoch {epoch + 1}; stopped ({kept}). Start afresh with a lower "
+            f"--lr (this run's is {recipe['lr']:g}) or lower loss weights, adding --overwrite (or another --out-dir): "
+            f"--resume continues only with the same flags, and would repeat it")
 
 
 @torch.no_grad()
@@ -543,12 +567,33 @@ def prepare_training(model, train_modules, loss_fn, recipe, fast, device):
 
 # --------------------------------------------------------------------------------------- checkpoints
 
-def save_atomic(obj, path):
-    """Write to a temporary file, then rename: a run killed mid-write never leaves a broken file."""
+def write_atomic(path, content):
+    """Write `content` (bytes) to `path` through a temporary file and a rename, the one way a run writes
+    its files: a run killed mid-write or a full disk never leaves a half-written file, the previous version
+    stays intact until the new one is complete, and no temporary file is left. An OS error (no space left
+    on the device, permission denied) is one line naming the file, the cause and where the run stands."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(content)
+        os.replace(tmp, path)
+    except OSError as error:
+        raise SystemExit(f"error: cannot write {path} ({error.strerror or error}); {where_the_run_stands()}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def save_atomic(obj, path):
+    """torch.save through write_atomic (serialised in memory first, so a full disk is an OSError)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_atomic(path, buffer.getbuffer())
+
+
+def save_json(obj, path):
+    write_atomic(path, (json.dumps(obj, indent=1, default=str) + "\n").encode())
 
 
 def load_weights(model, path):
@@ -578,20 +623,18 @@ def load_weights(model, path):
     return checkpoint
 
 
-def model_file(model, epoch, accuracy, data=None):
-    """The benchmark's checkpoint format, plus the architecture name, class count and (when given) the data's
-    fingerprint, for safer loading."""
-    file = {"model": model.state_dict(), "epoch": epoch, "accuracy": accuracy, "arch": model.arch,
-            "num_classes": classifier(model).out_features}
-    if data is not None:
-        file["data"] = data.fingerprint
-    return file
+def model_file(model, epoch, accuracy, data):
+    """The benchmark's checkpoint format, plus the architecture name, class count and the fingerprint of the
+    data it was trained on, for safer loading."""
+    return {"model": model.state_dict(), "epoch": epoch, "accuracy": accuracy, "arch": model.arch,
+            "num_classes": classifier(model).out_features, "data": data.fingerprint}
 
 
-def load_checkpoint(path, device="cpu"):
-    """A resumable checkpoint.pt, loaded safely (weights_only), or one line saying the file is unreadable."""
+def load_checkpoint(path, device="cpu", mmap=False):
+    """A resumable checkpoint.pt, loaded safely (weights_only), or one line saying the file is unreadable.
+    mmap: map the tensors instead of reading them (for a look at the identity)."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception as error:  # torch's own message would suggest weights_only=False: never show it
         raise SystemExit(f"error: {path} is unreadable ({type(error).__name__}: truncated, corrupt or not a "
                          f"checkpoint of this code); nothing was changed. Delete it to restart that run from "
@@ -609,14 +652,18 @@ RUN_ONLY_FLAGS = {"out_dir", "resume", "overwrite", "data_dir", "checkpoint_dir"
                   "device", "amp", "channels_last", "compile", "deterministic", "teacher_ckpt", "save_as_teacher"}
 NAMED_FLAGS = {"model", "teacher", "student", "dataset", "train_subset", "seed"}  # already in the folder name
 RUN_FILE = "run.json"
+RUN_OUTPUTS = ("checkpoint.pt", "metrics.jsonl", "summary.json", "model.pth")  # what fit writes in a run folder
 _locked_dirs = {}  # resolved path -> open lock file, held until the process exits
 
 
+def training_flags(config):
+    """The entries of a run's flags (vars(args)) that define what it learns, as JSON values."""
+    return json.loads(json.dumps({k: v for k, v in config.items() if k not in RUN_ONLY_FLAGS}, default=str))
+
+
 def training_config(args, data):
-    """The flags that define what a run learns, and its data's fingerprint, as JSON values."""
-    config = {k: v for k, v in vars(args).items() if k not in RUN_ONLY_FLAGS}
-    config["data"] = data.fingerprint
-    return json.loads(json.dumps(config, default=str))
+    """What run.json records of a run: its training flags and its data's fingerprint."""
+    return {**training_flags(vars(args)), "data": data.fingerprint}
 
 
 def flag_value(value):
@@ -675,69 +722,127 @@ def ensure_writable(path, what):
                          f"{error.strerror or error}); nothing was run") from None
 
 
-def config_differences(saved, current, assumed=None):
-    """'--epochs 3 (the run has 2)' for every training flag whose value differs. `assumed`: for a flag that the
-    run's record lacks (the flag is newer than the run), the value the run had in effect."""
-    assumed = json.loads(json.dumps(assumed or {}, default=str))
-    differences = []
-    for key in sorted(set(saved) | set(current)):
-        name = "the data (content fingerprint)" if key == "data" else "--" + key.replace("_", "-")
-        if key not in saved and key in assumed:
-            if current.get(key) != assumed[key]:
-                differences.append(f"{name} {flag_value(current.get(key))} (the run is older than this flag; it "
-                                   f"ran as {name} {flag_value(assumed[key])})")
-        elif saved.get(key) != current.get(key):
-            differences.append(f"{name} {flag_value(current.get(key))} (the run has {flag_value(saved.get(key))})")
-    return differences
+def flag_entries(config):
+    """A run's training flags as {'--name': value}, its data fingerprint under its own name (for messages)."""
+    return {("the data (content fingerprint)" if k == "data" else "--" + k.replace("_", "-")): v
+            for k, v in config.items()}
 
 
-def set_value_before_flag(parser, **values):
-    """Declare what a run recorded before a flag existed had in effect, where that is not the flag's default
-    (e.g. lfcc's --reduce-channels: 0, no reduction). Otherwise a new flag's default is assumed."""
-    parser.values_before_flags = {**getattr(parser, "values_before_flags", {}), **values}
+def identity_entries(identity):
+    """A checkpoint's identity (see run_identity) as {name in messages: value}."""
+    entries = flag_entries({**identity.get("flags", {}), "data": identity.get("data")})
+    entries.update({f"the recipe's {k}": v for k, v in (identity.get("recipe") or {}).items()})
+    entries.update({f"the teacher's {k}": v for k, v in (identity.get("teacher") or {}).items()})
+    entries.update({"the model": identity.get("model"), "the seed": identity.get("seed"),
+                    "the part of the run": identity.get("part")})
+    return entries
 
 
-def claim_out_dir(args, data, parser=None):
+def differences(saved, current, whose, names=None):
+    """'--epochs 3 (the run has 2)' for every entry (see flag_entries) of `names` (default: all) whose value
+    differs; an entry that `saved` lacks (a flag newer than the run) differs from any value."""
+    found = []
+    for name in sorted(names or set(saved) | set(current)):
+        if name not in saved:
+            found.append(f"{name} {flag_value(current.get(name))} ({whose} has no record of it)")
+        elif saved[name] != current.get(name):
+            found.append(f"{name} {flag_value(current.get(name))} ({whose} has {flag_value(saved[name])})")
+    return found
+
+
+def read_run_file(out_dir):
+    """run.json of a run folder, or None if there is none; a damaged one is one line naming it."""
+    path = Path(out_dir) / RUN_FILE
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        valid = isinstance(record, dict) and isinstance(record.get("config"), dict) and "script" in record
+    except (OSError, ValueError):  # a directory, unreadable, not UTF-8, not JSON
+        valid = False
+    if not valid:
+        raise SystemExit(f"error: {path} is damaged or from an older version of this code (it must be a JSON "
+                         f"object with 'script' and 'config'), so which run {out_dir} holds cannot be checked; "
+                         f"nothing was changed. Start afresh with --overwrite, or choose another --out-dir")
+    return record
+
+
+def check_resume(out_dir, script, config):
+    """--resume continues only the run the folder holds: run.json and every checkpoint in the folder (an SSKD
+    phase's too) must record this script, these training flags and this data; each difference is named.
+    Returns the folder's run.json record (None if it has none)."""
+    record = read_run_file(out_dir)
+    refuse = "; nothing was changed. Resume with the run's flags, start afresh with --overwrite, or choose another --out-dir"
+    if record is not None:
+        if record["script"] != script:
+            raise SystemExit(f"error: cannot resume {out_dir}: it holds a run of {record['script']}.py, not of "
+                             f"{script}.py; nothing was changed. Resume it with {record['script']}.py, or choose "
+                             f"another --out-dir")
+        found = differences(flag_entries(record["config"]), flag_entries(config), "the run")
+        if found:
+            raise SystemExit(f"error: cannot resume {out_dir} with other training flags: {'; '.join(found)}{refuse}")
+    checkpoints = sorted(out_dir.rglob("checkpoint.pt"))
+    for path in checkpoints:  # read without loading the tensors (mmap)
+        saved = identity_entries(load_checkpoint(path, mmap=True).get("identity", {}))
+        found = differences(saved, flag_entries(config), "the checkpoint", names=flag_entries(config))
+        if found:
+            raise SystemExit(f"error: cannot resume {out_dir}: {path} is from another training run "
+                             f"({'; '.join(found)}){refuse}")
+    if record is None and not checkpoints and any(next(out_dir.rglob(name), None) for name in RUN_OUTPUTS):
+        raise SystemExit(f"error: cannot resume {out_dir}: it holds results but neither {RUN_FILE} nor a "
+                         f"checkpoint.pt says which run made them{refuse}")
+    return record
+
+
+def clear_run_folder(out_dir):
+    """--overwrite: empty the run folder (its lock file aside) and say in one line what was removed. Only a
+    folder that holds a run (run.json or what fit writes) is emptied: `--out-dir ~` is refused."""
+    entries = sorted(p for p in out_dir.iterdir() if p.name != ".lock")
+    if not entries:
+        return
+    if not any((out_dir / name).exists() for name in (RUN_FILE, *RUN_OUTPUTS)):
+        raise SystemExit(f"error: --overwrite empties a run folder, but {out_dir} holds no run ({RUN_FILE}, "
+                         f"{', '.join(RUN_OUTPUTS)}), only {', '.join(p.name for p in entries[:4])}: nothing was "
+                         f"removed; choose another --out-dir")
+    names = ", ".join(p.name + "/" * p.is_dir() for p in entries[:8]) + (", ..." if len(entries) > 8 else "")
+    files = 0
+    try:
+        for path in entries:
+            if path.is_dir() and not path.is_symlink():
+                files += sum(1 for p in path.rglob("*") if not p.is_dir())
+                shutil.rmtree(path)
+            else:
+                files += 1
+                path.unlink()
+    except OSError as error:
+        raise SystemExit(f"error: --overwrite cannot remove {error.filename or path} ({error.strerror or error})") from None
+    log(f"--overwrite: removed the earlier run from {out_dir} ({files} files: {names})")
+
+
+def claim_out_dir(args, data, script):
     """Before anything is trained: the run folder is writable and locked; a fresh run does not start over an
-    existing one (unless --overwrite); --resume continues only a run of the same training flags and data."""
+    existing one (unless --overwrite, which empties it first); --resume continues only the run it holds (see
+    check_resume). run.json records the script, the training flags, the data and the command."""
     out_dir = Path(args.out_dir)
     ensure_writable(out_dir, "--out-dir")
     lock_dir(out_dir, "--out-dir")
     config = training_config(args, data)
-    run_file = out_dir / RUN_FILE
-    saved = json.loads(run_file.read_text()) if run_file.exists() else None
-    results = sorted(p.name for p in out_dir.iterdir() if p.name not in (RUN_FILE, ".lock"))
-    if not args.resume and results and not args.overwrite:
+    if args.overwrite:
+        clear_run_folder(out_dir)
+    # A run.json alone is a run that ended before its first output: a fresh run may take its place.
+    results = sorted(p.name for p in out_dir.iterdir()
+                     if p.name != ".lock" and not (p.name == RUN_FILE and p.is_file()))
+    if not args.resume and results:
         raise SystemExit(f"error: {out_dir} already holds a run ({', '.join(results[:4])}); add --resume to "
                          f"continue it, or choose another --out-dir (--overwrite replaces it)")
-    if args.resume and saved is not None:
-        newer_flags = [key for key in config if key not in saved["config"]] if parser else []
-        assumed = {key: getattr(parser, "values_before_flags", {}).get(key, parser.get_default(key))
-                   for key in newer_flags}
-        differences = config_differences(saved["config"], config, assumed)
-        if differences:
-            raise SystemExit(f"error: cannot resume {out_dir} with other training flags: {'; '.join(differences)}. "
-                             f"Resume with the run's flags, or choose another --out-dir (nothing was changed)")
-        if newer_flags:  # record them, so that a later change of their default cannot slip through
-            save_json({**saved, "config": {**saved["config"], **{key: config[key] for key in newer_flags}}}, run_file)
-    elif args.resume and results:
-        log(f"warning: {out_dir} has no {RUN_FILE} (a run from before flags were recorded): its flags cannot be "
-            f"checked against these")
-    if args.resume and (out_dir / "checkpoint.pt").exists():
-        load_checkpoint(out_dir / "checkpoint.pt")  # unreadable: one line now, not after a teacher is trained
-    if saved is None or not args.resume:
-        save_json({"config": config, "command": command_line()}, run_file)
+    record = check_resume(out_dir, script, config) if args.resume else None
+    if record is None:
+        save_json({"script": script, "config": config, "command": command_line()}, out_dir / RUN_FILE)
 
 
 def command_line(extra=()):
     """The command that started this process, shell-quoted, with `extra` arguments appended."""
     return " ".join(shlex.quote(a) for a in ["python", *sys.argv, *extra])
-
-
-def save_json(obj, path):
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------- command line
@@ -847,11 +952,13 @@ def add_common_args(parser):
     g.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda or cpu")
     g.add_argument("--out-dir", type=path_flag, help="where metrics.jsonl, summary.json and checkpoints go (default under runs/)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run in --out-dir from its last complete epoch (refused if a training flag "
-                        "differs from the run's; starts afresh if the folder holds no run)")
-    g.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --out-dir that holds a run (without it, that is refused)")
+    start = g.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue the run in --out-dir from its last complete epoch (refused if the script, a "
+                            "training flag or the data differs from the run's; starts afresh if it holds no run)")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start afresh in an --out-dir that holds a run: it is emptied first (without this "
+                            "flag, that is refused)")
     g.add_argument("--eval-every", type=positive_int, default=1, metavar="N",
                    help="evaluate on the test set every N epochs and after the last (default 1); best-epoch "
                         "accuracy is then the best of the evaluated epochs, listed in summary.json")
@@ -881,15 +988,17 @@ def add_distill_args(parser):
     g.add_argument("--student", default="resnet8x4", choices=MODEL_NAMES, metavar="NAME",
                    help="student architecture (default %(default)s); names: " + ", ".join(MODEL_NAMES))
     g.add_argument("--teacher-ckpt", type=path_flag,
-                   help="teacher checkpoint; default: checkpoints/<dataset>/<teacher>.pth or the public "
+                   help="teacher checkpoint; default: checkpoints/<data>/<teacher>.pth or the public "
                         "checkpoints/<teacher>_vanilla/ckpt_epoch_240.pth, else the teacher is trained first")
-    g.add_argument("--teacher-epochs", type=positive_int, default=240,
-                   help="epochs when a missing teacher is trained first (default 240, the standard recipe)")
+    g.add_argument("--teacher-epochs", type=positive_int, default=STANDARD_TEACHER_EPOCHS,
+                   help="the teacher's epochs: a cached teacher must have them (<teacher>.pth for 240, "
+                        "<teacher>_<E>ep.pth for E others), a missing one is trained for them with the standard "
+                        "recipe (default %(default)s)")
 
 
-def setup(args, run_name, parser):
-    """Seed, device, data and the run folder, the same for every script: every check that can fail happens
-    here, before anything is trained (see claim_out_dir)."""
+def setup(args, script, parser):
+    """Seed, device, data and the run folder, the same for every script (`script`: common, blockwise_kd, sskd
+    or lfcc): every check that can fail happens here, before anything is trained (see claim_out_dir)."""
     device = torch.device(args.device)  # checked by device_name when parsed
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for reproducible matmuls
@@ -900,33 +1009,50 @@ def setup(args, run_name, parser):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.deterministic
     data = load_data(args, device)
     if args.out_dir is None:
+        run_name = args.model if script == "common" else f"{script}_{args.teacher}_{args.student}"
         args.out_dir = default_out_dir(args, parser, run_name, data)
-    claim_out_dir(args, data, parser)
+    claim_out_dir(args, data, script)
     if getattr(args, "teacher", None) and not args.teacher_ckpt and \
             not any(p.exists() for p in teacher_candidates(args, data)):  # a teacher will be trained and saved
-        ensure_writable(teacher_path(args, data, args.teacher).parent, "--checkpoint-dir")
+        ensure_writable(teacher_candidates(args, data)[0].parent, "--checkpoint-dir")
     log(f"data: {data.name}, {len(data.train_y)} train / {len(data.test_y)} test images, {data.num_classes} "
         f"classes, fingerprint {data.fingerprint}; output: {args.out_dir}")
     torch.manual_seed(args.seed)
     return device, data
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, what cluster schedulers send before they pre-empt a job: stops a run as Ctrl-C does."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
+
+
+def where_the_run_stands():
+    """For a stop message: the newest complete checkpoint of this run and the command that resumes it."""
+    if last_checkpoint:
+        where = (f"the last complete checkpoint is {last_checkpoint['path']} (epoch {last_checkpoint['epoch']}"
+                 f"/{last_checkpoint['epochs']})")
+    else:
+        where = "no checkpoint was saved yet"
+    return f"{where}; to resume: {command_line([] if '--resume' in sys.argv else ['--resume'])}"
+
+
 def run_main(main):
-    """A NaN stop or Ctrl-C ends in one clear line (exit code 1 or 130) instead of a traceback."""
+    """A NaN stop, Ctrl-C or SIGTERM ends in one clear line (exit code 1, 130 or 143) instead of a traceback."""
+    previous_handler = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         main()
     except FloatingPointError as error:
         log(f"error: {error}")
         sys.exit(1)
-    except KeyboardInterrupt:
-        resume = command_line([] if "--resume" in sys.argv else ["--resume"])
-        if last_checkpoint:
-            where = (f"the last complete checkpoint is {last_checkpoint['path']} (epoch {last_checkpoint['epoch']}"
-                     f"/{last_checkpoint['epochs']})")
-        else:
-            where = "no epoch had ended, so nothing was saved"
-        log(f"interrupted: {where}; to resume: {resume}")
-        sys.exit(130)
+    except KeyboardInterrupt as stop:
+        terminated = isinstance(stop, Terminated)
+        log(f"interrupted{' (SIGTERM)' if terminated else ''}: {where_the_run_stands()}")
+        sys.exit(143 if terminated else 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
 
 
 # ====================================================================================== conveniences
@@ -1068,57 +1194,87 @@ def load_image_folder(root):
 
 # ------------------------------------------------------------------------------------------ teacher
 
-def teacher_path(args, data, name):
-    """Where a teacher of this data is cached: checkpoints/<data>/<name>.pth (see dataset_tag)."""
-    return Path(args.checkpoint_dir) / dataset_tag(args, data) / f"{name}.pth"
+STANDARD_TEACHER_EPOCHS = 240
+
+
+def teacher_path(args, data, name, epochs=STANDARD_TEACHER_EPOCHS):
+    """Where a teacher of this data is cached: checkpoints/<data>/<name>.pth for the standard 240 epochs,
+    <name>_<E>ep.pth for E others (see dataset_tag), so that a short smoke-run teacher is never taken for it."""
+    suffix = "" if epochs == STANDARD_TEACHER_EPOCHS else f"_{epochs}ep"
+    return Path(args.checkpoint_dir) / dataset_tag(args, data) / f"{name}{suffix}.pth"
 
 
 def teacher_candidates(args, data):
     root = Path(args.checkpoint_dir)
-    paths = [teacher_path(args, data, args.teacher)]
-    if args.dataset == "cifar100" and not args.train_subset:  # the public benchmark layout
-        paths += [root / f"{args.teacher}_vanilla" / "ckpt_epoch_240.pth",
+    paths = [teacher_path(args, data, args.teacher, args.teacher_epochs)]
+    if args.dataset == "cifar100" and not args.train_subset and args.teacher_epochs == STANDARD_TEACHER_EPOCHS:
+        paths += [root / f"{args.teacher}_vanilla" / "ckpt_epoch_240.pth",  # the public benchmark layout
                   root / "cifar_teachers" / f"{args.teacher}_vanilla" / "ckpt_epoch_240.pth"]
     return paths
 
 
+def train_teacher(args, data, teacher, target):
+    """Train a missing teacher with its family's standard recipe for --teacher-epochs into `target`."""
+    log(f"no {args.teacher} teacher checkpoint of {args.teacher_epochs} epochs for {dataset_tag(args, data)} "
+        f"(looked for {', '.join(map(str, teacher_candidates(args, data)))}); training it first with the "
+        f"standard {model_family(args.teacher)} recipe -> {target}")
+    recipe = make_recipe(args, model_family(args.teacher), epochs=args.teacher_epochs, use_overrides=False,
+                         model_name=args.teacher)
+    torch.manual_seed(args.seed)
+    # A killed teacher run continues (resume=True); one of another length or seed has its own folder.
+    run_dir = target.parent / f"{args.teacher}_run_{args.teacher_epochs}ep_seed{args.seed}"
+    device = data.train_x.device
+    fit(teacher, data, run_dir, recipe, seed=args.seed, resume=True, fast=fast_paths(args, device),
+        eval_every=args.eval_every, log_every=args.log_every, title=f"teacher {args.teacher}",
+        config={"model": args.teacher, "epochs": args.teacher_epochs, "seed": args.seed,
+                "dataset": args.dataset, "train_subset": args.train_subset})
+    try:
+        os.replace(run_dir / "model.pth", target)
+    except OSError as error:
+        raise SystemExit(f"error: cannot move the trained teacher {run_dir / 'model.pth'} to {target} "
+                         f"({error.strerror or error})") from None
+
+
 def load_teacher(args, data):
-    """The frozen teacher in eval mode: from --teacher-ckpt, else from checkpoints/, else trained first."""
+    """The frozen teacher in eval mode: from --teacher-ckpt, else from checkpoints/, else trained first.
+    Its record (file, epochs, accuracy, data fingerprint, weights fingerprint) goes into summary.json."""
     device = data.train_x.device
     teacher = build_model(args.teacher, data.num_classes, device)
     candidates = teacher_candidates(args, data)
     path = Path(args.teacher_ckpt) if args.teacher_ckpt else next((p for p in candidates if p.exists()), None)
     if path is None:
-        target = candidates[0]
-        log(f"no {args.teacher} teacher checkpoint for {dataset_tag(args, data)} (looked for "
-            f"{', '.join(map(str, candidates))}); training it first with the standard "
-            f"{model_family(args.teacher)} recipe for {args.teacher_epochs} epochs -> {target}")
-        recipe = make_recipe(args, model_family(args.teacher), epochs=args.teacher_epochs, use_overrides=False,
-                             model_name=args.teacher)
-        torch.manual_seed(args.seed)
-        # A killed teacher run continues (resume=True); one of another length or seed has its own folder.
-        run_dir = target.parent / f"{args.teacher}_run_{args.teacher_epochs}ep_seed{args.seed}"
-        fit(teacher, data, run_dir, recipe, seed=args.seed, resume=True, fast=fast_paths(args, device),
-            eval_every=args.eval_every, log_every=args.log_every, title=f"teacher {args.teacher}",
-            config={"model": args.teacher, "epochs": args.teacher_epochs, "seed": args.seed,
-                    "dataset": args.dataset, "train_subset": args.train_subset})
-        os.replace(run_dir / "model.pth", target)
-        path = target
+        path = candidates[0]
+        train_teacher(args, data, teacher, path)
     checkpoint = load_weights(teacher, path)
-    trained_on = checkpoint.get("data")
+    epochs, trained_on = checkpoint.get("epoch"), checkpoint.get("data")
     if trained_on and trained_on != data.fingerprint:
         if path == candidates[0]:  # our cache must hold this data's teacher
             raise SystemExit(f"error: {path} was trained on other data (fingerprint {trained_on}, this run's "
                              f"data {data.fingerprint}); move it away, or pass the teacher with --teacher-ckpt")
         log(f"warning: teacher {path} was trained on other data than this run's (fingerprint {trained_on}, "
             f"this data {data.fingerprint}; a subset of its data, for example)")
-    log(f"teacher {args.teacher} from {path} (epoch {checkpoint.get('epoch')}, accuracy {checkpoint.get('accuracy')})")
+    if not args.teacher_ckpt and epochs is not None and epochs != args.teacher_epochs:
+        raise SystemExit(f"error: {path} holds a {epochs}-epoch teacher, not the {args.teacher_epochs}-epoch one "
+                         f"this run asks for (--teacher-epochs); move it away, pass --teacher-epochs {epochs}, or "
+                         f"pass it with --teacher-ckpt")
+    teacher.source = {"file": str(path), "epochs": epochs, "accuracy": checkpoint.get("accuracy"),
+                      "data": trained_on}
+    data_note = "this run's data" if trained_on == data.fingerprint else f"data {trained_on or 'not recorded'}"
+    log(f"teacher {args.teacher} from {path} (epochs: {epochs or 'not recorded'}, accuracy: "
+        f"{checkpoint.get('accuracy')}, trained on {data_note})")
     if fast_paths(args, device).channels_last:
         teacher.to(memory_format=torch.channels_last)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
+
+
+def teacher_record(teacher):
+    """The teacher of a run, for summary.json and the checkpoint's identity: its architecture, a fingerprint
+    of its weights, and where load_teacher found it (file, epochs, accuracy, data fingerprint)."""
+    weights = fingerprint(*teacher.state_dict().values())
+    return {"arch": teacher.arch, "weights": weights, **getattr(teacher, "source", {})}
 
 
 def main(argv=None):
@@ -1129,10 +1285,11 @@ def main(argv=None):
     add_common_args(parser)
     parser.add_argument("--save-as-teacher", action="store_true",
                         help="when done, also save the model where the method scripts look for a teacher of "
-                             "this data: checkpoints/<data>/<model>.pth (see --checkpoint-dir)")
+                             "this data: checkpoints/<data>/<model>.pth, or <model>_<E>ep.pth for --epochs E other "
+                             "than 240, found by --teacher-epochs E (see --checkpoint-dir)")
     args = parser.parse_args(argv)
-    device, data = setup(args, args.model, parser)
-    teacher_file = teacher_path(args, data, args.model)
+    device, data = setup(args, "common", parser)
+    teacher_file = teacher_path(args, data, args.model, args.epochs)
     if args.save_as_teacher:
         if teacher_file.exists() and not args.overwrite:
             raise SystemExit(f"error: {teacher_file} exists; move it away first, or add --overwrite to replace it")

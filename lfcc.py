@@ -318,7 +318,7 @@ def distill(args, data, teacher, student):
                       train_modules=[student, space],
                       eval_fn=make_eval_fn(args, student, teacher, space, low_pass),
                       title=f"lfcc {teacher.arch} -> {student.arch}", summary_fields=method_fields,
-                      **common.run_options(args))
+                      **common.run_options(args, teacher))
 
 
 def add_args(parser):
@@ -340,7 +340,6 @@ def add_args(parser):
                    help="a stage output wider than R channels first passes a learned 1x1 conv to R channels, so "
                         "the projectors stay small for wide models (ResNet50, vgg, ShuffleNet); 0: never. Default "
                         "256: the CIFAR ResNets, WRNs, ViT and Mixer are never reduced")
-    common.set_value_before_flag(parser, reduce_channels=0)  # LFCC runs started before the flag: no reduction
     g.add_argument("--proj-dim", type=common.positive_int, default=128,
                    help="dimension d of the compact space (default 128)")
     g.add_argument("--tau", type=common.positive_float, default=0.1, help="InfoNCE temperature (default 0.1)")
@@ -365,7 +364,7 @@ def main(argv=None):
     if args.per_scale and args.no_lowpass:
         parser.error("--per-scale aligns the scales of the low-pass filter one by one; --no-lowpass has none")
     args.stages = sorted(set(args.stages))
-    device, data = common.setup(args, f"lfcc_{args.teacher}_{args.student}", parser)
+    device, data = common.setup(args, "lfcc", parser)
     teacher = common.load_teacher(args, data)
     torch.manual_seed(args.seed)
     student = common.build_model(args.student, data.num_classes, device)

@@ -62,11 +62,11 @@ Ablations **[choice]**, each one branch: `--joint` (one phase trains the whole b
 stage losses, K x the stage epochs), `--teacher-input` (stage k is fed the teacher's feature k-1; only
 where those shapes match), `--finetune-all` (phase B trains the whole student, not only the head).
 
-Resume: with `--resume`, a phase whose summary.json exists is skipped after loading the student it ended
-with from its checkpoint.pt; the phase in progress continues through `fit`'s own resume.
+Resume: with `--resume`, every phase continues through `fit`'s own resume, which refuses a checkpoint of
+another run (its flags, data and teacher are recorded in it); a finished phase trains no epoch and loads the
+student it ended with.
 """
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -202,7 +202,7 @@ def train_backbone(args, data, student, teacher, trained, epochs, out_dir):
     common.log(f"SSKD phase A, {name}: {student.arch} <- {teacher.arch}, "
                f"adapters at stages {adapted or 'none (shapes match)'}")
     return common.fit(student, data, out_dir, recipe, loss_fn=loss_fn, train_modules=train_modules,
-                      eval_fn=eval_fn, title=f"SSKD {name}", **common.run_options(args))
+                      eval_fn=eval_fn, title=f"SSKD {name}", **common.run_options(args, teacher))
 
 
 def reset_head(student):
@@ -212,8 +212,9 @@ def reset_head(student):
             module.reset_parameters()
 
 
-def train_head(args, data, student, epochs, out_dir):
-    """Phase B: the frozen backbone's features, a re-initialised head, cross-entropy on labels only."""
+def train_head(args, data, student, epochs, out_dir, teacher=None):
+    """Phase B: the frozen backbone's features, a re-initialised head, cross-entropy on labels only (`teacher`,
+    not used, is the run's: recorded in the phase's checkpoint and summary)."""
     reset_head(student)
     train_modules = [student] if args.finetune_all else [student.head()]
     set_trainable(student, train_modules)
@@ -223,7 +224,7 @@ def train_head(args, data, student, epochs, out_dir):
     common.log(f"SSKD phase B: {'the whole student' if args.finetune_all else 'the head'} of "
                f"{student.arch}, re-initialised head, cross-entropy on labels only")
     return common.fit(student, data, out_dir, recipe, loss_fn=loss_fn, train_modules=train_modules,
-                      title=f"SSKD head of {student.arch}", **common.run_options(args))
+                      title=f"SSKD head of {student.arch}", **common.run_options(args, teacher))
 
 
 def phase_plan(args, num_stages):
@@ -251,19 +252,14 @@ def distill(args, data, teacher, student):
                f"{', '.join(f'{name}/ {epochs} epochs' for name, _, epochs in plan)}; "
                f"{sum(epochs for _, _, epochs in plan)} epochs in all")
     for index, (name, trained, epochs) in enumerate(plan):
-        phase_dir = out_dir / name
-        if args.resume and (phase_dir / "summary.json").exists():
-            state = common.load_checkpoint(phase_dir / "checkpoint.pt", data.train_x.device)
-            student.load_state_dict(state["model"])
-            summaries[name] = json.loads((phase_dir / "summary.json").read_text())
-            common.log(f"SSKD {name}: finished earlier, student loaded from {phase_dir / 'checkpoint.pt'}")
+        # With --resume every phase continues through fit's own resume, which checks that its checkpoint is
+        # of this run; a finished phase trains no epoch and leaves the student as the phase ended it.
+        # Adapter and head initialisation depend only on (seed, phase): a resumed run equals an uninterrupted one.
+        torch.manual_seed(args.seed + index)
+        if trained is None:
+            summaries[name] = train_head(args, data, student, epochs, out_dir / name, teacher)
         else:
-            # Adapter and head initialisation depend only on (seed, phase): a resumed run equals an uninterrupted one.
-            torch.manual_seed(args.seed + index)
-            if trained is None:
-                summaries[name] = train_head(args, data, student, epochs, phase_dir)
-            else:
-                summaries[name] = train_backbone(args, data, student, teacher, trained, epochs, phase_dir)
+            summaries[name] = train_backbone(args, data, student, teacher, trained, epochs, out_dir / name)
         if trained is not None:
             for k, key in zip(trained, metric_names(trained)):
                 stage_mse[f"stage{k + 1}"] = summaries[name]["last_epoch"][key]
@@ -278,10 +274,9 @@ def distill(args, data, teacher, student):
                "params": common.count_params(student), "seconds": sum(s["seconds"] for s in summaries.values()),
                "phases": {name: {k: s[k] for k in ("epochs", "seconds", "last_epoch", "recipe")}
                           for name, s in summaries.items()},
-               "config": vars(args)}
-    with open(out_dir / "summary.json", "w") as f:
-        json.dump(summary, f, indent=1, default=str)
-    common.save_atomic(common.model_file(student, total_epochs, head["last_acc"]), out_dir / "model.pth")
+               "data": data.fingerprint, "teacher": common.teacher_record(teacher), "config": vars(args)}
+    common.save_json(summary, out_dir / "summary.json")
+    common.save_atomic(common.model_file(student, total_epochs, head["last_acc"], data), out_dir / "model.pth")
     shown = ", ".join(f"{k} {v:.4g}" for k, v in stage_mse.items())
     common.log(f"SSKD done: test feature MSE {shown}; head accuracy last {head['last_acc']}, best "
                f"{head['best_acc']} -> {out_dir}")
@@ -318,7 +313,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.teacher_input:  # fail before a missing teacher would be trained
         check_teacher_input(models.create_model(args.student, 10), models.create_model(args.teacher, 10))
-    device, data = common.setup(args, f"sskd_{args.teacher}_{args.student}", parser)
+    device, data = common.setup(args, "sskd", parser)
     teacher = common.load_teacher(args, data)
     torch.manual_seed(args.seed)
     student = common.build_model(args.student, data.num_classes, device)

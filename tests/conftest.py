@@ -1,6 +1,10 @@
 """Shared helpers and fixtures: flags parsed as a script would, a frozen teacher, the synthetic data and its
-slices, the tiny stand-in models, and one briefly trained resnet8 teacher for the whole session."""
+slices, the tiny stand-in models, one briefly trained resnet8 teacher for the whole session, and the scripts
+run end to end as from the command line (one finished run of each)."""
 import argparse
+import contextlib
+import io
+import json
 import sys
 from pathlib import Path
 
@@ -140,3 +144,90 @@ def trained_teacher(small_data, tmp_path_factory):
                          **common.run_options(args))
     assert summary["last_acc"] > 90, summary["last_epoch"]
     return frozen(teacher)
+
+
+# ---------------------------------------------------------------------------- the scripts end to end
+
+@pytest.fixture(scope="session", autouse=True)
+def synthetic_images_made_once():
+    """make_synthetic draws the same images on every call (a fixed seed; about 1 s): draw them once per session
+    and hand out copies, so that the many in-process script runs below cost their training only."""
+    make_synthetic, made = common.make_synthetic, {}
+
+    def made_once(*args, **kwargs):
+        key = (args, tuple(sorted(kwargs.items())))
+        if key not in made:
+            made[key] = make_synthetic(*args, **kwargs)
+        splits, num_classes = made[key]
+        return [t.clone() for t in splits], num_classes
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(common, "make_synthetic", made_once)
+        yield
+
+
+TINY = ["--dataset", "synthetic", "--train-subset", "100", "--batch-size", "50"]  # 2 steps per epoch
+
+
+def run(monkeypatch, main, *argv):
+    """Run a script's main() as `python script.py argv...` would, through run_main (Ctrl-C and NaN lines)."""
+    monkeypatch.setattr(sys, "argv", ["script.py", *map(str, argv)])
+    common.run_main(main)
+
+
+def refused(monkeypatch, capsys, main, *argv):
+    """The one-line message of a refusal (SystemExit with a message, or an exit code and a logged line)."""
+    with pytest.raises(SystemExit) as stop:
+        run(monkeypatch, main, *argv)
+    code = stop.value.code
+    message = code if isinstance(code, str) else capsys.readouterr().out.strip().splitlines()[-1]
+    assert message.startswith(("error:", "interrupted")) and "\n" not in message
+    return message
+
+
+def files_in(folder):
+    """{relative path: bytes} of every file under `folder` but the (empty) lock files: what a refusal must leave
+    as it was."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+TEACHER_FILE = Path("checkpoints") / "synthetic-subset100" / "resnet8_1ep.pth"  # where --teacher-epochs 1 looks
+METHOD_RUN = ["--teacher", "resnet8", "--teacher-epochs", 1, "--student", "resnet8", *TINY, "--epochs", 1]
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    """A folder in which `python common.py --model resnet8 ... --epochs 1 --out-dir alone --save-as-teacher`
+    ran once: its run in alone/, and the teacher the method scripts find there with --teacher-epochs 1."""
+    root = tmp_path_factory.mktemp("scripts")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        run(mp, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--out-dir", "alone", "--save-as-teacher")
+    return root
+
+
+@pytest.fixture(scope="session")
+def finished_runs(workdir):
+    """One finished 1-epoch run of each method script in `workdir` (resnet8 -> resnet8, the teacher that
+    common.py saved there; SSKD: 1 epoch per phase): {script: (its folder, its log, the paths it wrote through
+    common.write_atomic)}, and the teacher file's bytes before them. Tests read them, or work on copies."""
+    import blockwise_kd
+    import lfcc
+    import sskd
+
+    runs = {"teacher file before": (workdir / TEACHER_FILE).read_bytes()}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(workdir)
+        write_atomic, written = common.write_atomic, []
+        mp.setattr(common, "write_atomic", lambda path, content: written.append(Path(path)) or write_atomic(path, content))
+        for module in (blockwise_kd, sskd, lfcc):
+            name = module.__name__
+            log, written[:] = io.StringIO(), []
+            with contextlib.redirect_stdout(log):
+                run(mp, module.main, *METHOD_RUN, "--out-dir", name)
+            runs[name] = (workdir / name, log.getvalue(), [workdir / p for p in written])
+    return runs
+
+
+def read_summary(folder):
+    return json.loads((Path(folder) / "summary.json").read_text())

@@ -127,6 +127,11 @@ def test_an_empty_path_is_a_parser_error(flag, nothing_runs, capsys):
     assert line.endswith(f"error: argument {flag}: must be a path, not an empty string"), line
 
 
+def test_resume_and_overwrite_together_are_a_parser_error(nothing_runs, capsys):
+    line = parser_error("common", ["--dataset", "synthetic", "--resume", "--overwrite"], capsys)
+    assert line.endswith("error: argument --overwrite: not allowed with argument --resume"), line
+
+
 # ------------------------------------------------------------------------------------------ --device
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -1,6 +1,4 @@
 """LFCC's --reduce-channels: a learned 1x1 conv that brings a wide stage output to R channels before the filter."""
-import argparse
-import json
 
 import pytest
 import torch
@@ -9,7 +7,7 @@ import torch.nn.functional as F
 import common
 import lfcc
 import models
-from conftest import frozen, make_args, make_parser
+from conftest import frozen, make_args
 
 
 def pair():
@@ -89,23 +87,3 @@ def test_a_wide_teacher_gets_a_small_space():
     assert sizes == {0: 2_613_504, 256: 2_056_448, 64: 778_496}  # as in the README's table of the 13 pairs
     kinds = [type(r).__name__ for r in lfcc.channel_reductions(teacher, [1, 2, 3], 256)]
     assert kinds == ["Identity", "Identity", "ChannelReduction"]
-
-
-def test_an_lfcc_run_from_before_the_flag_resumes_only_as_it_ran_without_reduction(tmp_path):
-    parser = make_parser(lfcc.add_args)
-    data = argparse.Namespace(fingerprint="0123456789abcdef")
-
-    def claim(*argv):
-        args = parser.parse_args(["--out-dir", str(tmp_path), "--resume", *map(str, argv)])
-        common.claim_out_dir(args, data, parser)
-
-    record = {"config": common.training_config(parser.parse_args(["--out-dir", str(tmp_path)]), data)}
-    del record["config"]["reduce_channels"]  # run.json of a run started before --reduce-channels existed
-    (tmp_path / "run.json").write_text(json.dumps(record))
-    (tmp_path / "metrics.jsonl").write_text("")
-    # At the new default a wide pair would build another space than the run's checkpoint holds: refused.
-    with pytest.raises(SystemExit, match=r"--reduce-channels 256 \(the run is older than this flag; it ran as "
-                                         r"--reduce-channels 0\)"):
-        claim()
-    claim("--reduce-channels", 0)
-    assert json.loads((tmp_path / "run.json").read_text())["config"]["reduce_channels"] == 0  # now recorded

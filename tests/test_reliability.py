@@ -19,61 +19,27 @@ import blockwise_kd as bkd
 import common
 import lfcc
 import sskd
-from conftest import make_parser
-
-TINY = ["--dataset", "synthetic", "--train-subset", "100", "--batch-size", "50"]
-
-
-def run(monkeypatch, main, *argv):
-    """Run a script's main() as `python script.py argv...` would, through run_main (Ctrl-C and NaN lines)."""
-    monkeypatch.setattr(sys, "argv", ["script.py", *map(str, argv)])
-    common.run_main(main)
-
-
-def refused(monkeypatch, capsys, main, *argv):
-    """The one-line message of a refusal (SystemExit with a message, or an exit code and a logged line)."""
-    with pytest.raises(SystemExit) as stop:
-        run(monkeypatch, main, *argv)
-    code = stop.value.code
-    message = code if isinstance(code, str) else capsys.readouterr().out.strip().splitlines()[-1]
-    assert message.startswith(("error:", "interrupted:")) and "\n" not in message
-    return message
-
-
-def snapshot(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+from conftest import TEACHER_FILE, TINY, files_in, make_parser, refused, run
 
 
 def train_once(monkeypatch, out, *extra):
     run(monkeypatch, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--out-dir", out, *extra)
-    return snapshot(out)
+    return files_in(out)
 
 
 # ---------------------------------------------------------------------------- each script end to end
 
-TEACHER_FILE = Path("checkpoints") / "synthetic-subset100" / "resnet8.pth"  # where the method scripts look
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A folder in which `python common.py --model resnet8 ... --epochs 1 --out-dir alone --save-as-teacher`
-    ran once: its run in alone/, and the teacher the method scripts below find there by default."""
-    root = tmp_path_factory.mktemp("scripts")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        run(mp, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--out-dir", "alone", "--save-as-teacher")
-    return root
-
-
 def written_run(out_dir, arch, method):
     """summary.json and model.pth of a finished run: a number for last_acc, the method named, and model.pth
-    in the benchmark format, loading strictly into a fresh `arch` with the data's 10 classes."""
+    in the benchmark format, loading strictly into a fresh `arch` with the data's 10 classes, recording the
+    fingerprint of the data it was trained on."""
     summary = json.loads((out_dir / "summary.json").read_text())
     assert isinstance(summary["last_acc"], float) and 0 <= summary["last_acc"] <= 100, summary["last_acc"]
     assert summary.get("method") == method
     model = common.build_model(arch, 10, torch.device("cpu"))
     checkpoint = common.load_weights(model, out_dir / "model.pth")  # SystemExit unless the architecture fits
     assert checkpoint["accuracy"] == summary["last_acc"] and checkpoint["epoch"] == summary["epochs"]
+    assert checkpoint["data"] == summary["data"] and len(summary["data"]) == 16
     return summary, checkpoint["model"]
 
 
@@ -85,24 +51,22 @@ def test_common_script_writes_its_run_and_saves_the_model_as_teacher(workdir):
     assert teacher.keys() == weights.keys() and all(torch.equal(teacher[k], v) for k, v in weights.items())
 
 
-def run_method(monkeypatch, capsys, workdir, main, out_dir, *argv):
-    """Run a method script in `workdir` with the resnet8 teacher that common.py saved there; check that it
-    was found there (not trained again) and left as it was."""
-    monkeypatch.chdir(workdir)
-    teacher_bytes = (workdir / TEACHER_FILE).read_bytes()
-    capsys.readouterr()
-    run(monkeypatch, main, "--teacher", "resnet8", "--student", "resnet8", *TINY, "--epochs", 1, "--out-dir",
-        out_dir, *argv)
-    log = capsys.readouterr().out
+def method_run(finished_runs, workdir, script):
+    """A finished run of a method script (conftest.finished_runs): its summary and student weights, after
+    checking that it found the teacher common.py saved (not trained again), left it as it was, and recorded it."""
+    out_dir, log, _ = finished_runs[script]
     assert "training it first" not in log and f"teacher resnet8 from {TEACHER_FILE}" in log
-    assert (workdir / TEACHER_FILE).read_bytes() == teacher_bytes
-    teacher = torch.load(workdir / TEACHER_FILE, weights_only=True)["model"]
-    return teacher
+    assert (workdir / TEACHER_FILE).read_bytes() == finished_runs["teacher file before"]
+    summary, weights = written_run(out_dir, "resnet8", script)
+    teacher = torch.load(workdir / TEACHER_FILE, weights_only=True)
+    assert summary["teacher"]["file"] == str(TEACHER_FILE) and summary["teacher"]["arch"] == "resnet8"
+    assert (summary["teacher"]["epochs"], summary["teacher"]["accuracy"]) == (1, teacher["accuracy"])
+    assert summary["teacher"]["data"] == summary["data"]  # the teacher used, and what it was trained on
+    return summary, weights, teacher["model"]
 
 
-def test_blockwise_kd_script(workdir, tmp_path, monkeypatch, capsys):
-    teacher = run_method(monkeypatch, capsys, workdir, bkd.main, tmp_path)
-    summary, weights = written_run(tmp_path, "resnet8", "blockwise_kd")
+def test_blockwise_kd_script(finished_runs, workdir):
+    summary, weights, teacher = method_run(finished_runs, workdir, "blockwise_kd")
     assert summary["epochs"] == 1
     method = summary["blockwise_kd"]
     assert method["stones"] == [1, 2, 3] and method["teacher"] == "resnet8" and method["connector_params"] > 0
@@ -111,20 +75,19 @@ def test_blockwise_kd_script(workdir, tmp_path, monkeypatch, capsys):
     assert not torch.equal(weights["conv1.weight"], teacher["conv1.weight"])  # the student, not the teacher
 
 
-def test_sskd_script(workdir, tmp_path, monkeypatch, capsys):
-    teacher = run_method(monkeypatch, capsys, workdir, sskd.main, tmp_path)  # --epochs 1: 1 epoch per phase
-    summary, weights = written_run(tmp_path, "resnet8", "sskd")
+def test_sskd_script(finished_runs, workdir):
+    summary, weights, teacher = method_run(finished_runs, workdir, "sskd")  # --epochs 1: 1 epoch per phase
+    out_dir = finished_runs["sskd"][0]
     assert {name: phase["epochs"] for name, phase in summary["phases"].items()} == \
         {"stage1": 1, "stage2": 1, "stage3": 1, "head": 1}
-    assert summary["epochs"] == 4 and (tmp_path / "head" / "summary.json").exists()
+    assert summary["epochs"] == 4 and (out_dir / "head" / "summary.json").exists()
     assert set(summary["stage_feat_mse"]) == {"stage1", "stage2", "stage3"}
     assert all(isinstance(v, float) and v >= 0 for v in summary["stage_feat_mse"].values())
     assert not torch.equal(weights["conv1.weight"], teacher["conv1.weight"])
 
 
-def test_lfcc_script(workdir, tmp_path, monkeypatch, capsys):
-    teacher = run_method(monkeypatch, capsys, workdir, lfcc.main, tmp_path)
-    summary, weights = written_run(tmp_path, "resnet8", "lfcc")
+def test_lfcc_script(finished_runs, workdir):
+    summary, weights, teacher = method_run(finished_runs, workdir, "lfcc")
     assert summary["epochs"] == 1
     method = summary["lfcc"]
     assert (method["teacher"], method["student"], method["stages"]) == ("resnet8", "resnet8", [1, 2, 3])
@@ -156,7 +119,7 @@ def test_a_fresh_run_over_an_existing_one_is_refused_and_nothing_is_lost(tmp_pat
     before = train_once(monkeypatch, out)
     message = refused(monkeypatch, capsys, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--out-dir", out)
     assert "already holds a run" in message and "--resume" in message
-    assert snapshot(out) == before
+    assert files_in(out) == before
     train_once(monkeypatch, out, "--overwrite")  # an explicit --overwrite starts afresh
 
 
@@ -167,25 +130,27 @@ def test_resume_with_another_training_flag_is_refused_naming_each_flag(tmp_path,
                       "--out-dir", out, "--resume")
     assert "--epochs 2 (the run has 1)" in message and "--model resnet20 (the run has resnet8)" in message
     assert "--lr 0.1 (the run has None)" in message
-    assert snapshot(out) == before
+    assert files_in(out) == before
     # Flags that do not change the result may differ.
     run(monkeypatch, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--out-dir", out, "--resume",
         "--log-every", 5, "--eval-every", 3)
     assert "resumed" in capsys.readouterr().out
 
 
-def test_a_run_from_before_a_flag_existed_resumes_only_with_that_flag_at_its_default(tmp_path, monkeypatch, capsys):
+def test_a_run_recorded_without_a_flag_is_refused_naming_it(tmp_path, monkeypatch, capsys):
+    """A run from before a flag existed is one whose flags differ: refused, with the flag named."""
     out = tmp_path / "run"
-    train_once(monkeypatch, out)
+    before = train_once(monkeypatch, out)
     record = json.loads((out / "run.json").read_text())
     del record["config"]["label_smoothing"]  # as if --label-smoothing had been added after the run started
     (out / "run.json").write_text(json.dumps(record))
+    before = files_in(out)
     message = refused(monkeypatch, capsys, common.main, "--model", "resnet8", *TINY, "--epochs", 1,
-                      "--label-smoothing", 0.1, "--out-dir", out, "--resume")
-    assert "--label-smoothing 0.1 (the run is older than this flag; it ran as --label-smoothing None)" in message
-    run(monkeypatch, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--out-dir", out, "--resume")
-    assert "resumed" in capsys.readouterr().out
-    assert "label_smoothing" in json.loads((out / "run.json").read_text())["config"]  # recorded from now on
+                      "--out-dir", out, "--resume")
+    assert message.endswith("with other training flags: --label-smoothing None (the run has no record of it); "
+                            "nothing was changed. Resume with the run's flags, start afresh with --overwrite, or "
+                            "choose another --out-dir")
+    assert files_in(out) == before
 
 
 def test_a_second_process_on_the_same_folder_is_refused(tmp_path, monkeypatch, capsys):
@@ -206,11 +171,11 @@ def test_a_checkpoint_of_another_training_run_is_not_resumed(tmp_path):
     model = common.build_model("resnet8", 10, torch.device("cpu"))
     recipe = common.make_recipe(args, "cnn", epochs=1, use_overrides=False)
     common.fit(model, data, tmp_path, recipe, seed=0, resume=True)
-    before = snapshot(tmp_path)
-    with pytest.raises(SystemExit, match=r"from another training run \(--epochs 2 \(the run has 1\);"):
+    before = files_in(tmp_path)
+    with pytest.raises(SystemExit, match=r"from another training run \(the recipe's epochs 2 \(the checkpoint has 1\)"):
         common.fit(model, data, tmp_path, common.make_recipe(args, "cnn", epochs=2, use_overrides=False), seed=0,
                    resume=True)
-    assert snapshot(tmp_path) == before
+    assert files_in(tmp_path) == before
 
 
 # ------------------------------------------------------------------------------------------ teachers
@@ -230,7 +195,7 @@ def test_teachers_of_folders_with_the_same_name_are_kept_apart(tmp_path, capsys)
     for name, seed in (("a", 0), ("b", 1)):
         args = argparse.Namespace(dataset="folder", data_dir=str(image_folder(tmp_path / name / "images", seed)),
                                   train_subset=0, checkpoint_dir=str(tmp_path / "checkpoints"), teacher="resnet8",
-                                  teacher_ckpt=None, amp=None, channels_last=None)
+                                  teacher_ckpt=None, teacher_epochs=240, amp=None, channels_last=None)
         datasets.append((args, common.load_data(args, torch.device("cpu"))))
     (args_a, data_a), (args_b, data_b) = datasets
     path_a, path_b = (common.teacher_path(a, d, "resnet8") for a, d in datasets)
@@ -251,12 +216,12 @@ def test_an_unreadable_checkpoint_is_named_and_nothing_changes(tmp_path, monkeyp
     train_once(monkeypatch, out)
     checkpoint = out / "checkpoint.pt"
     checkpoint.write_bytes(b"not a checkpoint" if damage == "garbage" else checkpoint.read_bytes()[:5000])
-    before = snapshot(out)
+    before = files_in(out)
     message = refused(monkeypatch, capsys, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--out-dir", out,
                       "--resume")
     assert str(checkpoint) in message and "unreadable" in message and "nothing was changed" in message
     assert "weights_only" not in message
-    assert snapshot(out) == before
+    assert files_in(out) == before
 
 
 def test_unwritable_folders_are_found_before_anything_is_trained(tmp_path, monkeypatch, capsys):

@@ -1,4 +1,6 @@
+import argparse
 import json
+import shutil
 
 import pytest
 import torch
@@ -69,7 +71,8 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, synthetic_data):
 
 
 def test_wrong_checkpoint_names_both(tmp_path):
-    common.save_atomic(common.model_file(create_model("resnet8", 10), 1, 0.0), tmp_path / "r8.pth")
+    data = argparse.Namespace(fingerprint="0123456789abcdef")
+    common.save_atomic(common.model_file(create_model("resnet8", 10), 1, 0.0, data), tmp_path / "r8.pth")
     with pytest.raises(SystemExit, match="resnet8 with 10 classes.*resnet20 with 10 classes"):
         common.load_weights(create_model("resnet20", 10), tmp_path / "r8.pth")
     with pytest.raises(SystemExit, match="resnet8 with 10 classes.*resnet8 with 100 classes"):
@@ -117,13 +120,34 @@ def test_benchmark_lr_for_mobilenet_and_shufflenets_and_the_flag_overrides_it():
     assert common.make_recipe(make_args(), "cnn", model_name="vgg8")["lr"] == 0.05
 
 
-def test_missing_teacher_is_trained_then_found(tmp_path, synthetic_data, capsys):
+def test_missing_teacher_is_trained_then_found_and_only_for_its_epochs(tmp_path, synthetic_data, capsys,
+                                                                      monkeypatch):
     args = make_args("--dataset", "synthetic", "--train-subset", 640, "--teacher", "resnet8",
                      "--teacher-epochs", 1, "--checkpoint-dir", tmp_path)
     teacher = common.load_teacher(args, synthetic_data)
     assert "training it first" in capsys.readouterr().out
-    assert (tmp_path / "synthetic-subset640" / "resnet8.pth").exists()
+    short = tmp_path / "synthetic-subset640" / "resnet8_1ep.pth"  # not resnet8.pth, the 240-epoch teacher's place
+    assert short.exists()
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     again = common.load_teacher(args, synthetic_data)
     assert "training it first" not in capsys.readouterr().out
     assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), again.state_dict().values()))
+    record = common.teacher_record(again)  # what summary.json records of the teacher used
+    assert record["file"] == str(short) and record["epochs"] == 1 and record["data"] == synthetic_data.fingerprint
+    assert record["arch"] == "resnet8" and record["accuracy"] == torch.load(short, weights_only=True)["accuracy"]
+
+    # A run of the standard 240 epochs does not take the 1-epoch teacher: it trains its own beside it ...
+    def train_teacher(args, data, teacher, target):
+        raise RuntimeError(f"would train {args.teacher_epochs} epochs into {target}")
+    monkeypatch.setattr(common, "train_teacher", train_teacher)
+    standard_argv = ["--dataset", "synthetic", "--train-subset", 640, "--teacher", "resnet8", "--checkpoint-dir", tmp_path]
+    standard = make_args(*standard_argv)
+    with pytest.raises(RuntimeError, match="would train 240 epochs into .*synthetic-subset640/resnet8.pth$"):
+        common.load_teacher(standard, synthetic_data)
+    # ... and a short teacher put in its place is refused, not used.
+    shutil.copy(short, short.with_name("resnet8.pth"))
+    with pytest.raises(SystemExit, match=r"resnet8.pth holds a 1-epoch teacher, not the 240-epoch one this run asks"):
+        common.load_teacher(standard, synthetic_data)
+    # Given by name it is taken as it is, and recorded as what it is.
+    explicit = make_args(*standard_argv, "--teacher-ckpt", short)
+    assert common.teacher_record(common.load_teacher(explicit, synthetic_data))["epochs"] == 1
