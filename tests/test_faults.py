@@ -248,26 +248,36 @@ def test_every_file_a_run_writes_is_written_atomically(finished_runs):
 
 # ------------------------------------------------------------------------------------ signals, NaN
 
-def test_sigterm_stops_like_ctrl_c_with_where_to_resume(tmp_path, monkeypatch, capsys):
+def ctrl_c():
+    raise KeyboardInterrupt
+
+
+def sigterm():  # what a cluster scheduler sends before it pre-empts the job
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize("stop_run, code, prefix", [(ctrl_c, 130, "interrupted"),
+                                                    (sigterm, 143, "interrupted (SIGTERM)")])
+def test_ctrl_c_and_sigterm_say_where_the_last_checkpoint_is_and_how_to_resume(stop_run, code, prefix, tmp_path,
+                                                                               monkeypatch, capsys):
     out = tmp_path / "run"
     learning_rate = common.learning_rate
 
-    def sigterm_in_epoch_2(recipe, progress):  # what a cluster scheduler sends before it pre-empts the job
+    def stop_in_epoch_2(recipe, progress):  # at the first step of the second epoch
         if progress >= 1:
-            os.kill(os.getpid(), signal.SIGTERM)
+            stop_run()
         return learning_rate(recipe, progress)
-    monkeypatch.setattr(common, "learning_rate", sigterm_in_epoch_2)
+    monkeypatch.setattr(common, "learning_rate", stop_in_epoch_2)
     monkeypatch.setattr(common, "last_checkpoint", {})
     with pytest.raises(SystemExit) as stop:
         run(monkeypatch, common.main, "--model", "resnet8", *TINY, "--epochs", 2, "--out-dir", out)
-    assert stop.value.code == 143
+    assert stop.value.code == code
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last_line == (f"interrupted (SIGTERM): the last complete checkpoint is {out / 'checkpoint.pt'} (epoch "
-                         f"1/2); to resume: python script.py --model resnet8 {' '.join(TINY)} --epochs 2 --out-dir "
-                         f"{out} --resume")
+    assert last_line == (f"{prefix}: the last complete checkpoint is {out / 'checkpoint.pt'} (epoch 1/2); to resume: "
+                         f"python script.py --model resnet8 {' '.join(TINY)} --epochs 2 --out-dir {out} --resume")
     assert signal.getsignal(signal.SIGTERM) is not common.raise_terminated  # the handler lives only in run_main
     monkeypatch.setattr(common, "learning_rate", learning_rate)
-    run(monkeypatch, common.main, *last_line.split("to resume: python script.py ")[1].split())
+    run(monkeypatch, common.main, *last_line.split("to resume: python script.py ")[1].split())  # as written
     assert "resumed" in capsys.readouterr().out and read_summary(out)["epochs"] == 2
 
 

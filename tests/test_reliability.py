@@ -1,5 +1,5 @@
 """Each script end to end, and runs never lose or mix results: run folders, resume, locks, teacher cache,
-unreadable files, Ctrl-C.
+unreadable files (Ctrl-C and SIGTERM: test_faults.py).
 
 Each test runs the scripts' own `main()` in-process on tiny synthetic data (1-2 epochs of 100 images), as a
 user would from the command line, and checks what it wrote, or the one-line refusal and that nothing on disk
@@ -235,26 +235,3 @@ def test_unwritable_folders_are_found_before_anything_is_trained(tmp_path, monke
     message = refused(monkeypatch, capsys, bkd.main, "--teacher", "resnet8", "--student", "resnet8", *TINY,
                       "--out-dir", tmp_path / "run", "--checkpoint-dir", tmp_path / "a_file" / "checkpoints")
     assert message.startswith("error: cannot write to --checkpoint-dir")
-
-
-# -------------------------------------------------------------------------------------------- Ctrl-C
-
-def test_ctrl_c_prints_where_the_last_checkpoint_is_and_the_resume_command(tmp_path, monkeypatch, capsys):
-    out = tmp_path / "run"
-    learning_rate = common.learning_rate
-
-    def interrupt_in_epoch_2(recipe, progress):  # Ctrl-C at the first step of the second epoch
-        if progress >= 1:
-            raise KeyboardInterrupt
-        return learning_rate(recipe, progress)
-    monkeypatch.setattr(common, "learning_rate", interrupt_in_epoch_2)
-    monkeypatch.setattr(common, "last_checkpoint", {})
-    with pytest.raises(SystemExit) as stop:
-        run(monkeypatch, common.main, "--model", "resnet8", *TINY, "--epochs", 2, "--out-dir", out)
-    assert stop.value.code == 130
-    last_line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last_line == (f"interrupted: the last complete checkpoint is {out / 'checkpoint.pt'} (epoch 1/2); to "
-                         f"resume: python script.py --model resnet8 {' '.join(TINY)} --epochs 2 --out-dir {out} --resume")
-    monkeypatch.setattr(common, "learning_rate", learning_rate)
-    run(monkeypatch, common.main, *last_line.split("to resume: python script.py ")[1].split())
-    assert "resumed" in capsys.readouterr().out and (out / "model.pth").exists()
