@@ -1,16 +1,19 @@
-"""What the three method scripts share: data on the device, the training loop, checkpoints, command line.
+"""What the three method scripts share: data on the device, the recipes, the training step and loop (`fit`),
+then, below one banner, the bookkeeping a reader of the methods can skip.
 
 Run alone it trains one model with the standard recipe (teachers and the plain-student baselines):
 
     python common.py --model resnet32x4                       # CIFAR-100, 240 epochs, SGD recipe
     python common.py --model resnet8 --dataset folder --data-dir ~/data/cifar10 --train-subset 5000 --epochs 20
 
+Where to look: the training step is `make_train_step` (forward and loss, backward, clipping, optimizer
+step), the loop is `fit`, right below it; a method calls `fit` with its loss_fn, train_modules and eval_fn.
+
 Data: the whole dataset is a uint8 tensor on the training device; crop (4-pixel zero padding), flip and
 normalisation run batched there, driven by a generator seeded with (seed, epoch), so an epoch's batches
-are the same whether a run was resumed or not. Training: one loop (`fit`) for every script; evaluation
-every epoch (or every `--eval-every`); `metrics.jsonl`, `summary.json`, a resumable `checkpoint.pt`
-written atomically every epoch, and the final model in the benchmark format
-`{'model': state_dict, 'epoch', 'accuracy'}` as `model.pth`.
+are the same whether a run was resumed or not. Training: evaluation every epoch (or every `--eval-every`);
+`metrics.jsonl`, `summary.json`, a resumable `checkpoint.pt` written atomically every epoch, and the final
+model in the benchmark format `{'model': state_dict, 'epoch', 'accuracy'}` as `model.pth`.
 
 Fast paths, decided in one place (`fast_paths`) and named in every run's first log line: `--amp bf16|off`
 (bf16 autocast; default bf16 on CUDA, off on CPU), `--channels-last` (default on),
@@ -19,9 +22,8 @@ wherever the installed torch has one for the device. On CUDA, TF32 is allowed fo
 convolutions, and cuDNN picks its algorithms by benchmark (`--deterministic` switches both to
 reproducible choices).
 
-Sections, in order: data; recipes (the RECIPES table); the loop (`fit`, which a method calls with its
-loss_fn, train_modules and eval_fn); fast paths; checkpoints; run folders; command line; then, under their
-own banner, conveniences (architecture identification, image folders, automatic teacher training); `main`.
+Sections, in order: data; recipes (the RECIPES table); fast paths; the step and the loop; then, below the
+banner: run folders and checkpoints, logging, the command line and signals, image folders, teachers, `main`.
 """
 import argparse
 import contextlib
@@ -55,7 +57,7 @@ def log(message):
     print(message, flush=True)
 
 
-# ----------------------------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------------------------------- data
 
 class Data:
     """uint8 images (N, 3, 32, 32) and int64 labels for train and test, on one device."""
@@ -168,16 +170,6 @@ def load_data(args, device):
     return Data(train_x, train_y, test_x, test_y, num_classes, mean, std, args.dataset).to(device)
 
 
-def dataset_tag(args, data):
-    """Names the data of a run, in default run folders and teachers' places under checkpoints/: the dataset
-    (cifar100, cifar10 and synthetic are fixed), for a folder its name and the first 8 digits of the content
-    fingerprint (two folders called images/ are told apart), and the subset."""
-    tag = args.dataset
-    if args.dataset == "folder":
-        tag = f"folder-{Path(args.data_dir).expanduser().resolve().name}-{data.fingerprint[:8]}"
-    return tag + (f"-subset{args.train_subset}" if args.train_subset else "")
-
-
 def train_batches(data, batch_size, seed, epoch, channels_last=False):
     """Shuffled, augmented, normalised batches: random crop after 4-pixel zero padding, horizontal flip.
     The randomness of an epoch depends only on (seed, epoch)."""
@@ -205,7 +197,7 @@ def test_batches(data, batch_size=500, channels_last=False):
         yield (x.contiguous(memory_format=torch.channels_last) if channels_last else x), data.test_y[start:start + batch_size]
 
 
-# ------------------------------------------------------------------------------------------- recipes
+# -------------------------------------------------------------------------------------------------- recipes
 
 # The training recipe of each model family. cnn: the CIFAR benchmark's SGD recipe, x0.1 at 62.5/75/87.5 % of
 # the epochs (150/180/210 of 240), with the benchmark's per-model lr where it differs (models.DEFAULT_LR:
@@ -217,8 +209,9 @@ RECIPES = {
     "token": dict(optimizer="adamw", lr=1e-3, momentum=0.9, weight_decay=0.05, batch_size=128, schedule="cosine",
                   lr_decay=0.1, warmup_epochs=None, label_smoothing=0.1),
 }
-MILESTONE_FRACTIONS = (0.625, 0.75, 0.875)
 
+
+MILESTONE_FRACTIONS = (0.625, 0.75, 0.875)
 
 def make_recipe(args, family, epochs=None, use_overrides=True, model_name=None):
     """RECIPES[family] for `epochs` (default --epochs), with `model_name`'s lr from models.DEFAULT_LR, and
@@ -258,229 +251,7 @@ def make_optimizer(recipe, params, fused=False):
     return torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=recipe["weight_decay"], fused=fused)
 
 
-# --------------------------------------------------------------------------------------- the loop
-
-def count_params(module):
-    return sum(p.numel() for p in module.parameters())
-
-
-def build_model(name, num_classes, device):
-    """A fresh model on `device` (fit puts it in channels_last where the fast paths say so)."""
-    return create_model(name, num_classes).to(device)
-
-
-def format_seconds(s):
-    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
-
-
-def classification_loss(model, label_smoothing):
-    """fit's default loss_fn: cross-entropy of the model's logits, no logged terms."""
-    def loss_fn(x, y, progress):
-        return F.cross_entropy(model(x), y, label_smoothing=label_smoothing), {}
-    return loss_fn
-
-
-def default_eval(model):
-    def evaluate(x, y):
-        return {"test_acc": 100.0 * (model(x).argmax(1) == y).float().mean()}
-    return evaluate
-
-
-def fit(model, data, out_dir, recipe, *, seed, loss_fn=None, train_modules=None, eval_fn=None, fast=None,
-        resume=False, eval_every=1, log_every=30.0, title="", summary_fields=None, config=None, teacher=None):
-    """Train and evaluate `model` on `data` with `recipe` (see make_recipe) into `out_dir`; return the summary.
-
-    model: the network that is evaluated and saved as `model.pth` (the student).
-    seed: the seed of the batches' order and augmentation (the caller seeds the initialisation).
-    loss_fn(x, y, progress) -> (loss, {name: scalar tensor}): the training objective; `progress` is the
-        float epoch (a 0-dim tensor under --compile: use it in arithmetic and min/max only). The named
-        terms are averaged over the epoch and logged. Default: cross-entropy.
-    train_modules: the modules put in train mode each epoch and whose trainable parameters are optimised
-        (default [model]); everything else stays in eval mode, a teacher or frozen stages for example.
-        Their state goes into the resumable checkpoint (connectors, projectors), not into `model.pth`.
-    eval_fn(x, y) -> {name: batch-mean tensor}: test metrics, averaged over the test set; 'test_acc' (in %)
-        is tracked for best/last accuracy when present. Default: the model's accuracy.
-    fast: the speed settings of `fast_paths` (default: the device's defaults); resume: continue from
-        out_dir/checkpoint.pt if there is one; eval_every, log_every: as the flags of those names.
-    summary_fields: extra entries of summary.json (a method's own record); config: the run's flags, for it
-        and for the checkpoint's identity; teacher: the frozen teacher's record (teacher_record), likewise.
-    title: what this fit trains (a teacher, an SSKD phase, ...), in the log and in the checkpoint's identity.
-    """
-    out_dir = Path(out_dir)
-    ensure_writable(out_dir, "the run folder")
-    lock_dir(out_dir, "the run folder")  # a teacher run under checkpoints/; a script's --out-dir is locked already
-    device = data.train_x.device
-    train_modules = train_modules or [model]
-    eval_fn = eval_fn or default_eval(model)
-    loss_fn = loss_fn or classification_loss(model, recipe["label_smoothing"])
-    fast = fast or fast_paths(None, device)
-    optimizer, train_step = prepare_training(model, train_modules, loss_fn, recipe, fast, device)
-    checkpoint_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.jsonl"
-    identity = run_identity(model, data, recipe, seed, config, teacher, title)
-    start_epoch, best_acc, best_epoch, history = 0, None, None, []
-    if resume and checkpoint_path.exists():
-        start_epoch, best_acc, best_epoch, history = restore_checkpoint(
-            checkpoint_path, identity, model, train_modules, optimizer, device)
-        last_checkpoint.update(path=checkpoint_path, epoch=start_epoch, epochs=recipe["epochs"])
-        log(f"resumed {out_dir} at epoch {start_epoch}/{recipe['epochs']}"
-            + (" (finished: no epoch left to train)" if start_epoch == recipe["epochs"] else ""))
-    write_metrics(metrics_path, history)  # from the checkpoint's history: no duplicate epochs after a resume
-
-    steps_per_epoch = math.ceil(len(data.train_y) / recipe["batch_size"])
-    run_start = time.time()
-    log(f"{title or model.arch}: {recipe['epochs']} epochs x {steps_per_epoch} steps, batch {recipe['batch_size']}, "
-        f"{recipe['optimizer']} lr {recipe['lr']}, {count_params(model):,} params, device {device}; {describe(fast)}")
-    for epoch in range(start_epoch, recipe["epochs"]):
-        model.eval()
-        for module in train_modules:
-            module.train()
-        progress_line = ProgressLine(epoch, recipe, steps_per_epoch, log_every, checkpoint_path)
-        loss_sum = torch.zeros((), device=device)
-        term_sums, seen = {}, 0
-        for step, (x, y) in enumerate(train_batches(data, recipe["batch_size"], seed, epoch, fast.channels_last)):
-            progress = epoch + step / steps_per_epoch
-            lr = learning_rate(recipe, progress)
-            loss, terms = train_step(x, y, progress, lr)
-            # Sums stay on the device: no host sync per step.
-            loss_sum += loss.float() * len(y)
-            for name, value in terms.items():
-                term_sums[name] = term_sums.get(name, 0) + value.float() * len(y)
-            seen += len(y)
-            progress_line.maybe_log(step, loss_sum, seen)
-        check_finite(loss_sum, epoch, checkpoint_path, recipe)
-        train_seconds = time.time() - progress_line.start
-        row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / seen, "lr": lr,
-               "images_per_sec": seen / train_seconds}
-        row.update({name: value.item() / seen for name, value in term_sums.items()})
-        if (epoch + 1) % eval_every == 0 or epoch + 1 == recipe["epochs"]:
-            row.update(evaluate(data, eval_fn, model, train_modules, fast))
-        row["seconds"] = time.time() - progress_line.start
-        if "test_acc" in row and (best_acc is None or row["test_acc"] > best_acc):
-            best_acc, best_epoch = row["test_acc"], epoch + 1
-        history.append(row)
-        save_atomic({"model": model.state_dict(), "train_modules": [m.state_dict() for m in train_modules],
-                     "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "best_acc": best_acc,
-                     "best_epoch": best_epoch, "history": history, "identity": identity}, checkpoint_path)
-        write_metrics(metrics_path, history)  # after the checkpoint, from which a resume rewrites it
-        last_checkpoint.update(path=checkpoint_path, epoch=epoch + 1, epochs=recipe["epochs"])
-        log_epoch(row, recipe["epochs"], history)
-
-    records = {"config": config, "teacher": teacher}
-    summary = write_summary(out_dir, model, data, recipe, history, best_acc, best_epoch, fast,
-                            {**(summary_fields or {}), **{k: v for k, v in records.items() if v is not None}})
-    log(f"done in {format_seconds(time.time() - run_start)}: last acc {summary['last_acc']}, best {best_acc} "
-        f"(epoch {best_epoch}) -> {out_dir}")
-    return summary
-
-
-def run_options(args, teacher=None):
-    """fit's keyword arguments that a script's command line sets: `fit(..., **run_options(args, teacher))`."""
-    return dict(seed=args.seed, resume=args.resume, eval_every=args.eval_every, log_every=args.log_every,
-                fast=fast_paths(args, torch.device(args.device)), config=vars(args),
-                teacher=teacher_record(teacher) if teacher is not None else None)
-
-
-def run_identity(model, data, recipe, seed, config, teacher, title):
-    """What one fit trains, as its checkpoint records it: the run's training flags (a method's included), the
-    model, seed, data and recipe, the teacher's weights, and the part of the run (`title`). A checkpoint of
-    anything else is not resumed."""
-    return json.loads(json.dumps({
-        "flags": training_flags(config or {}), "model": model.arch, "seed": seed, "data": data.fingerprint,
-        "recipe": recipe, "teacher": teacher and {k: teacher[k] for k in ("arch", "weights")},
-        "part": title or model.arch}, default=str))
-
-
-def restore_checkpoint(path, identity, model, train_modules, optimizer, device):
-    """Load fit's checkpoint.pt into the model, train modules and optimizer, after checking it is a checkpoint
-    of the same training (`identity`); returns (epoch, best_acc, best_epoch, history)."""
-    state = load_checkpoint(path, device)
-    found = differences(identity_entries(state.get("identity", {})), identity_entries(identity), "the checkpoint")
-    if found:
-        raise SystemExit(f"error: {path} is from another training run ({'; '.join(found)}); nothing was "
-                         f"changed. Delete its folder to train afresh, or choose another folder")
-    model.load_state_dict(state["model"])
-    for module, module_state in zip(train_modules, state["train_modules"]):
-        module.load_state_dict(module_state)
-    optimizer.load_state_dict(state["optimizer"])
-    return state["epoch"], state["best_acc"], state["best_epoch"], state["history"]
-
-
-class ProgressLine:
-    """Within an epoch, a line with loss, speed and ETA every `log_every` seconds (not after the last step)."""
-
-    def __init__(self, epoch, recipe, steps_per_epoch, log_every, checkpoint_path):
-        self.epoch, self.recipe, self.steps, self.log_every = epoch, recipe, steps_per_epoch, log_every
-        self.checkpoint_path = checkpoint_path
-        self.start = self.last_print = time.time()
-
-    def maybe_log(self, step, loss_sum, seen):
-        if time.time() - self.last_print <= self.log_every or step + 1 >= self.steps:
-            return
-        self.last_print = time.time()
-        check_finite(loss_sum, self.epoch, self.checkpoint_path, self.recipe)
-        speed = seen / (self.last_print - self.start)
-        epoch_seconds = self.steps * self.recipe["batch_size"] / speed
-        eta = epoch_seconds * (self.recipe["epochs"] - self.epoch) - (self.last_print - self.start)
-        log(f"  epoch {self.epoch + 1} step {step + 1}/{self.steps} loss {loss_sum.item() / seen:.4f} "
-            f"{speed:.0f} img/s ETA {format_seconds(eta)} (training only)")
-
-
-def log_epoch(row, epochs, history):
-    """The line of an ended epoch: its metrics, lr, speed, time, and the ETA of the run."""
-    eta = (epochs - row["epoch"]) * sum(h["seconds"] for h in history) / len(history)
-    shown = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "lr", "images_per_sec", "seconds"))
-    log(f"epoch {row['epoch']}/{epochs} {shown} lr {row['lr']:.4g} {row['images_per_sec']:.0f} img/s "
-        f"{row['seconds']:.1f}s ETA {format_seconds(eta)}")
-
-
-def write_summary(out_dir, model, data, recipe, history, best_acc, best_epoch, fast, fields):
-    """model.pth (when the last epoch was evaluated) and summary.json; returns the summary."""
-    last = history[-1] if history else {}
-    if "test_acc" in last:
-        save_atomic(model_file(model, recipe["epochs"], last["test_acc"], data), Path(out_dir) / "model.pth")
-    summary = {"last_acc": last.get("test_acc"), "best_acc": best_acc, "best_epoch": best_epoch,
-               "epochs": recipe["epochs"], "params": count_params(model),
-               "seconds": sum(h["seconds"] for h in history),
-               "mean_images_per_sec": sum(h["images_per_sec"] for h in history) / max(1, len(history)),
-               "evaluated_epochs": [h["epoch"] for h in history if "test_acc" in h],
-               "last_epoch": last, "recipe": recipe, "fast_paths": vars(fast), "data": data.fingerprint,
-               "threads": torch.get_num_threads(), **fields}
-    save_json(summary, Path(out_dir) / "summary.json")
-    return summary
-
-
-def write_metrics(path, history):
-    """metrics.jsonl, one JSON object per epoch, rewritten whole (atomically) after every epoch."""
-    write_atomic(path, "".join(json.dumps(row) + "\n" for row in history).encode())
-
-
-last_checkpoint = {}  # path, epoch, epochs of the newest checkpoint this process wrote (for the Ctrl-C line)
-
-
-def check_finite(loss_sum, epoch, checkpoint_path, recipe):
-    if not torch.isfinite(loss_sum):
-        kept = f"the last good checkpoint {checkpoint_path} is intact" if checkpoint_path.exists() else "no checkpoint was written"
-        raise FloatingPointError(
-            f"the training loss became NaN/inf in epoch {epoch + 1}; stopped ({kept}). Start afresh with a lower "
-            f"--lr (this run's is {recipe['lr']:g}) or lower loss weights, adding --overwrite (or another --out-dir): "
-            f"--resume continues only with the same flags, and would repeat it")
-
-
-@torch.no_grad()
-def evaluate(data, eval_fn, model, train_modules, fast):
-    model.eval()
-    for module in train_modules:
-        module.eval()
-    sums, n = {}, 0
-    with torch.autocast(data.test_x.device.type, dtype=torch.bfloat16, enabled=fast.amp):
-        for x, y in test_batches(data, channels_last=fast.channels_last):
-            for name, value in eval_fn(x, y).items():
-                sums[name] = sums.get(name, 0) + value.float() * len(y)
-            n += len(y)
-    return {name: value.item() / n for name, value in sums.items()}
-
-
-# ------------------------------------------------------------------------------------------ fast paths
+# ----------------------------------------------------------------------------------------------- fast paths
 
 def fused_optimizer_available(device):
     """Whether the installed torch has fused SGD/AdamW kernels for this device type."""
@@ -517,27 +288,35 @@ def describe(fast):
             f"compile {fast.compile or 'off'}, fused optimizer {'on' if fast.fused else 'off'}")
 
 
+def compile_forward(forward, mode, device):
+    """torch.compile of the step's forward(x, y, progress) (--compile MODE); backward follows the graph.
+
+    A Python float that changes from call to call is not safe to pass into torch.compile: after the second
+    value it becomes symbolic and expressions such as min(1.0, progress / r) were frozen at that value
+    (Block-KD's warm-up stuck at 0.6). So `progress` enters as a 0-dim device tensor, updated in place (no
+    host-to-device copy). dynamic=False: one graph per batch size. Every train step shares this code, and
+    dynamo keeps at most 8 graphs per code object (then runs eager, silently): SSKD's five fits with two
+    batch sizes each would pass that. So start afresh."""
+    torch.compiler.reset()
+    compiled = torch.compile(forward, dynamic=False, mode=mode)
+    progress_tensor = torch.zeros((), device=device)
+
+    def compiled_forward(x, y, progress):
+        torch.compiler.cudagraph_mark_step_begin()  # a new training step: earlier graph outputs are consumed
+        return compiled(x, y, progress_tensor.fill_(progress))
+    return compiled_forward
+
+
+# --------------------------------------------------------------------------- the training step and the loop
+
 def make_train_step(loss_fn, optimizer, params, recipe, fast, device):
     """step(x, y, progress, lr) -> (loss, {name: term}), all detached: forward and loss under autocast
     (compiled with fast.compile), backward, gradient clipping, optimizer step at learning rate `lr`."""
     def forward(x, y, progress):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast.amp):
             return loss_fn(x, y, progress)
-
     if fast.compile:
-        # A Python float that changes from call to call is not safe to pass into torch.compile: after the
-        # second value it becomes symbolic and expressions such as min(1.0, progress / r) were frozen at
-        # that value (Block-KD's warm-up stuck at 0.6). So `progress` enters as a 0-dim device tensor,
-        # updated in place (no host-to-device copy). dynamic=False: one graph per batch size.
-        # Every train step shares this code, and dynamo keeps at most 8 graphs per code object (then runs
-        # eager, silently): SSKD's five fits with two batch sizes each would pass that. So start afresh.
-        torch.compiler.reset()
-        compiled_forward = torch.compile(forward, dynamic=False, mode=fast.compile)
-        progress_tensor = torch.zeros((), device=device)
-
-        def forward(x, y, progress):  # noqa: F811
-            torch.compiler.cudagraph_mark_step_begin()  # a new training step: earlier graph outputs are consumed
-            return compiled_forward(x, y, progress_tensor.fill_(progress))
+        forward = compile_forward(forward, fast.compile, device)
 
     def step(x, y, progress, lr):
         for group in optimizer.param_groups:
@@ -565,7 +344,192 @@ def prepare_training(model, train_modules, loss_fn, recipe, fast, device):
     return optimizer, make_train_step(loss_fn, optimizer, params, recipe, fast, device)
 
 
-# --------------------------------------------------------------------------------------- checkpoints
+def build_model(name, num_classes, device):
+    """A fresh model on `device` (fit puts it in channels_last where the fast paths say so)."""
+    return create_model(name, num_classes).to(device)
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def classification_loss(model, label_smoothing):
+    """fit's default loss_fn: cross-entropy of the model's logits, no logged terms."""
+    def loss_fn(x, y, progress):
+        return F.cross_entropy(model(x), y, label_smoothing=label_smoothing), {}
+    return loss_fn
+
+
+def default_eval(model):
+    def evaluate(x, y):
+        return {"test_acc": 100.0 * (model(x).argmax(1) == y).float().mean()}
+    return evaluate
+
+
+def fit(model, data, out_dir, recipe, *, seed, loss_fn=None, train_modules=None, eval_fn=None, fast=None,
+        resume=False, eval_every=1, log_every=30.0, title="", summary_fields=None, config=None, teacher=None):
+    """Train and evaluate `model` on `data` with `recipe` (see make_recipe) into `out_dir`; return the summary.
+
+    model: the network that is evaluated and saved as `model.pth` (the student).
+    seed: the seed of the batches' order and augmentation (the caller seeds the initialisation).
+    loss_fn(x, y, progress) -> (loss, {name: scalar tensor}): the training objective; `progress` is the
+        float epoch (a 0-dim tensor under --compile: use it in arithmetic and min/max only). The named
+        terms are averaged over the epoch and logged. Default: cross-entropy.
+    train_modules: the modules put in train mode each epoch and whose trainable parameters are optimised
+        (default [model]); everything else stays in eval mode, a teacher or frozen stages for example.
+        Their state goes into the resumable checkpoint (connectors, projectors), not into `model.pth`.
+    eval_fn(x, y) -> {name: batch-mean tensor}: test metrics, averaged over the test set; 'test_acc' (in %)
+        is tracked for best/last accuracy when present. Default: the model's accuracy.
+    fast: the speed settings of `fast_paths` (default: the device's defaults); resume: continue from
+        out_dir/checkpoint.pt if there is one; eval_every, log_every: as the flags of those names.
+    summary_fields: extra entries of summary.json (a method's own record); config: the run's flags, for it
+        and for the checkpoint's identity; teacher: the frozen teacher's record (teacher_record), likewise.
+    title: what this fit trains (a teacher, an SSKD phase, ...), in the log and in the checkpoint's identity.
+    """
+    device = data.train_x.device
+    train_modules = train_modules or [model]
+    eval_fn = eval_fn or default_eval(model)
+    loss_fn = loss_fn or classification_loss(model, recipe["label_smoothing"])
+    fast = fast or fast_paths(None, device)
+    optimizer, train_step = prepare_training(model, train_modules, loss_fn, recipe, fast, device)
+    folder = RunFolder(out_dir, run_identity(model, data, recipe, seed, config, teacher, title))
+    history = folder.start(model, train_modules, optimizer, resume, device)  # the epochs already trained
+    steps_per_epoch = math.ceil(len(data.train_y) / recipe["batch_size"])
+    log_start(title or model.arch, recipe, steps_per_epoch, count_params(model), device, fast)
+
+    for epoch in range(len(history), recipe["epochs"]):
+        model.eval()  # what is not trained (a teacher, frozen stages) stays in eval mode
+        for module in train_modules:
+            module.train()
+        progress_line = ProgressLine(epoch, recipe, steps_per_epoch, log_every, folder.checkpoint)
+        loss_sum, term_sums, seen = torch.zeros((), device=device), {}, 0
+        for step, (x, y) in enumerate(train_batches(data, recipe["batch_size"], seed, epoch, fast.channels_last)):
+            progress = epoch + step / steps_per_epoch
+            lr = learning_rate(recipe, progress)
+            loss, terms = train_step(x, y, progress, lr)
+            loss_sum += loss.float() * len(y)  # the sums stay on the device: no host sync per step
+            for name, value in terms.items():
+                term_sums[name] = term_sums.get(name, 0) + value.float() * len(y)
+            seen += len(y)
+            progress_line.maybe_log(step, loss_sum, seen)
+        check_finite(loss_sum, epoch, folder.checkpoint, recipe)
+        row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / seen, "lr": lr,
+               "images_per_sec": seen / (time.time() - progress_line.start)}
+        row.update({name: value.item() / seen for name, value in term_sums.items()})
+        if (epoch + 1) % eval_every == 0 or epoch + 1 == recipe["epochs"]:
+            row.update(evaluate(data, eval_fn, model, train_modules, fast))
+        row["seconds"] = time.time() - progress_line.start
+        history.append(row)
+        folder.save_epoch(model, train_modules, optimizer, history, recipe["epochs"])
+        log_epoch(row, recipe["epochs"], history)
+
+    records = {"config": config, "teacher": teacher}
+    fields = {**(summary_fields or {}), **{k: v for k, v in records.items() if v is not None}}
+    return folder.finish(model, data, recipe, history, fast, fields)
+
+
+@torch.no_grad()
+def evaluate(data, eval_fn, model, train_modules, fast):
+    model.eval()
+    for module in train_modules:
+        module.eval()
+    sums, n = {}, 0
+    with torch.autocast(data.test_x.device.type, dtype=torch.bfloat16, enabled=fast.amp):
+        for x, y in test_batches(data, channels_last=fast.channels_last):
+            for name, value in eval_fn(x, y).items():
+                sums[name] = sums.get(name, 0) + value.float() * len(y)
+            n += len(y)
+    return {name: value.item() / n for name, value in sums.items()}
+
+
+# ==========================================================================================================
+# Below: the bookkeeping around the loop. A reader of the methods can stop here. Run folders (what
+# identifies a run, resume checks, locks, atomic writes), progress and stop lines (Ctrl-C, SIGTERM,
+# NaN), the command line and its validators, image folders, the teacher cache.
+# ==========================================================================================================
+
+# ------------------------------------------------------------------------------ run folders and checkpoints
+
+class RunFolder:
+    """fit's files in its run folder: locked while it trains; resumed only from a checkpoint of the same
+    training (`identity`, see run_identity); checkpoint.pt, then metrics.jsonl, after every epoch; model.pth
+    and summary.json at the end. Every file goes through write_atomic."""
+
+    def __init__(self, out_dir, identity):
+        self.out_dir, self.identity = Path(out_dir), identity
+        ensure_writable(self.out_dir, "the run folder")
+        lock_dir(self.out_dir, "the run folder")  # a teacher run under checkpoints/; a script's is locked already
+        self.checkpoint, self.metrics = self.out_dir / "checkpoint.pt", self.out_dir / "metrics.jsonl"
+        self.started = time.time()
+
+    def start(self, model, train_modules, optimizer, resume, device):
+        """The history of the epochs already trained: the checkpoint's, loaded into the model, train modules
+        and optimizer, with `resume` (after checking that it is of this training); [] otherwise."""
+        history = []
+        if resume and self.checkpoint.exists():
+            state = load_checkpoint(self.checkpoint, device)
+            found = differences(identity_entries(state.get("identity", {})), identity_entries(self.identity),
+                                "the checkpoint")
+            if found:
+                raise SystemExit(f"error: {self.checkpoint} is from another training run ({'; '.join(found)}); "
+                                 f"nothing was changed. Delete its folder to train afresh, or choose another folder")
+            model.load_state_dict(state["model"])
+            for module, module_state in zip(train_modules, state["train_modules"]):
+                module.load_state_dict(module_state)
+            optimizer.load_state_dict(state["optimizer"])
+            history = state["history"]
+            epochs = self.identity["recipe"]["epochs"]
+            last_checkpoint.update(path=self.checkpoint, epoch=len(history), epochs=epochs)
+            finished = " (finished: no epoch left to train)" if len(history) == epochs else ""
+            log(f"resumed {self.out_dir} at epoch {len(history)}/{epochs}{finished}")
+        write_metrics(self.metrics, history)  # from the checkpoint's history: no duplicate epochs after a resume
+        return history
+
+    def save_epoch(self, model, train_modules, optimizer, history, epochs):
+        state = {"model": model.state_dict(), "train_modules": [m.state_dict() for m in train_modules],
+                 "optimizer": optimizer.state_dict(), "epoch": len(history), "history": history,
+                 "identity": self.identity}
+        save_atomic(state, self.checkpoint)
+        write_metrics(self.metrics, history)  # after the checkpoint, from which a resume rewrites it
+        last_checkpoint.update(path=self.checkpoint, epoch=len(history), epochs=epochs)
+
+    def finish(self, model, data, recipe, history, fast, fields):
+        """model.pth (when the last epoch was evaluated) and summary.json; returns the summary."""
+        last = history[-1] if history else {}
+        if "test_acc" in last:
+            save_atomic(model_file(model, recipe["epochs"], last["test_acc"], data), self.out_dir / "model.pth")
+        evaluated = [h for h in history if "test_acc" in h]
+        best = max(evaluated, key=lambda h: h["test_acc"]) if evaluated else {}  # the first of equals
+        summary = {"last_acc": last.get("test_acc"), "best_acc": best.get("test_acc"),
+                   "best_epoch": best.get("epoch"), "epochs": recipe["epochs"], "params": count_params(model),
+                   "seconds": sum(h["seconds"] for h in history),
+                   "mean_images_per_sec": sum(h["images_per_sec"] for h in history) / max(1, len(history)),
+                   "evaluated_epochs": [h["epoch"] for h in evaluated], "last_epoch": last, "recipe": recipe,
+                   "fast_paths": vars(fast), "data": data.fingerprint, "threads": torch.get_num_threads(),
+                   **fields}
+        save_json(summary, self.out_dir / "summary.json")
+        took = format_seconds(time.time() - self.started)
+        log(f"done in {took}: last acc {summary['last_acc']}, best {summary['best_acc']} "
+            f"(epoch {summary['best_epoch']}) -> {self.out_dir}")
+        return summary
+
+
+def run_identity(model, data, recipe, seed, config, teacher, title):
+    """What one fit trains, as its checkpoint records it: the run's training flags (a method's included), the
+    model, seed, data and recipe, the teacher's weights, and the part of the run (`title`). A checkpoint of
+    anything else is not resumed."""
+    return json.loads(json.dumps({
+        "flags": training_flags(config or {}), "model": model.arch, "seed": seed, "data": data.fingerprint,
+        "recipe": recipe, "teacher": teacher and {k: teacher[k] for k in ("arch", "weights")},
+        "part": title or model.arch}, default=str))
+
+
+def write_metrics(path, history):
+    """metrics.jsonl, one JSON object per epoch, rewritten whole (atomically) after every epoch."""
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in history).encode())
+
+
+last_checkpoint = {}  # path, epoch, epochs of the newest checkpoint this process wrote (for the Ctrl-C line)
 
 def write_atomic(path, content):
     """Write `content` (bytes) to `path` through a temporary file and a rename, the one way a run writes
@@ -596,6 +560,17 @@ def save_json(obj, path):
     write_atomic(path, (json.dumps(obj, indent=1, default=str) + "\n").encode())
 
 
+def load_checkpoint(path, device="cpu", mmap=False):
+    """A resumable checkpoint.pt, loaded safely (weights_only), or one line saying the file is unreadable.
+    mmap: map the tensors instead of reading them (for a look at the identity)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+    except Exception as error:  # torch's own message would suggest weights_only=False: never show it
+        raise SystemExit(f"error: {path} is unreadable ({type(error).__name__}: truncated, corrupt or not a "
+                         f"checkpoint of this code); nothing was changed. Delete it to restart that run from "
+                         f"scratch, or choose another --out-dir") from None
+
+
 def load_weights(model, path):
     """Load a checkpoint (benchmark format, ours, or a bare state_dict) into `model`, strictly."""
     path = Path(path)
@@ -623,6 +598,18 @@ def load_weights(model, path):
     return checkpoint
 
 
+def identify_architecture(state_dict):
+    """The zoo name whose state_dict keys and shapes match, or None. Builds models on the meta device."""
+    num_classes = state_dict_classes(state_dict) or 100
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    for name in MODEL_NAMES:
+        with torch.device("meta"):
+            reference = create_model(name, num_classes).state_dict()
+        if {k: tuple(v.shape) for k, v in reference.items()} == shapes:
+            return name
+    return None
+
+
 def model_file(model, epoch, accuracy, data):
     """The benchmark's checkpoint format, plus the architecture name, class count and the fingerprint of the
     data it was trained on, for safer loading."""
@@ -630,31 +617,22 @@ def model_file(model, epoch, accuracy, data):
             "num_classes": classifier(model).out_features, "data": data.fingerprint}
 
 
-def load_checkpoint(path, device="cpu", mmap=False):
-    """A resumable checkpoint.pt, loaded safely (weights_only), or one line saying the file is unreadable.
-    mmap: map the tensors instead of reading them (for a look at the identity)."""
-    try:
-        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
-    except Exception as error:  # torch's own message would suggest weights_only=False: never show it
-        raise SystemExit(f"error: {path} is unreadable ({type(error).__name__}: truncated, corrupt or not a "
-                         f"checkpoint of this code); nothing was changed. Delete it to restart that run from "
-                         f"scratch, or choose another --out-dir") from None
-
-
-# ---------------------------------------------------------------------------------------- run folders
-# A run folder belongs to one run: a fresh run never starts where another one is, a resume continues only
-# the run it was started as (same training flags, same data), and two processes never write to one folder.
+# ------------------------------------------------------------------------------------ claiming a run folder
 
 # Flags that do not change what a run learns. They may differ when a run is resumed (a moved data folder,
 # another device) and are left out of default run-folder names. --amp and the other speed flags change
 # float rounding only.
 RUN_ONLY_FLAGS = {"out_dir", "resume", "overwrite", "data_dir", "checkpoint_dir", "log_every", "eval_every",
                   "device", "amp", "channels_last", "compile", "deterministic", "teacher_ckpt", "save_as_teacher"}
-NAMED_FLAGS = {"model", "teacher", "student", "dataset", "train_subset", "seed"}  # already in the folder name
-RUN_FILE = "run.json"
-RUN_OUTPUTS = ("checkpoint.pt", "metrics.jsonl", "summary.json", "model.pth")  # what fit writes in a run folder
-_locked_dirs = {}  # resolved path -> open lock file, held until the process exits
 
+
+NAMED_FLAGS = {"model", "teacher", "student", "dataset", "train_subset", "seed"}  # already in the folder name
+
+RUN_FILE = "run.json"
+
+RUN_OUTPUTS = ("checkpoint.pt", "metrics.jsonl", "summary.json", "model.pth")  # what fit writes in a run folder
+
+_locked_dirs = {}  # resolved path -> open lock file, held until the process exits
 
 def training_flags(config):
     """The entries of a run's flags (vars(args)) that define what it learns, as JSON values."""
@@ -668,6 +646,16 @@ def training_config(args, data):
 
 def flag_value(value):
     return "-".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def dataset_tag(args, data):
+    """Names the data of a run, in default run folders and teachers' places under checkpoints/: the dataset
+    (cifar100, cifar10 and synthetic are fixed), for a folder its name and the first 8 digits of the content
+    fingerprint (two folders called images/ are told apart), and the subset."""
+    tag = args.dataset
+    if args.dataset == "folder":
+        tag = f"folder-{Path(args.data_dir).expanduser().resolve().name}-{data.fingerprint[:8]}"
+    return tag + (f"-subset{args.train_subset}" if args.train_subset else "")
 
 
 def default_out_dir(args, parser, run_name, data):
@@ -845,7 +833,91 @@ def command_line(extra=()):
     return " ".join(shlex.quote(a) for a in ["python", *sys.argv, *extra])
 
 
-# ------------------------------------------------------------------------------------- command line
+# ---------------------------------------------------------------------------------- progress and stop lines
+
+def log_start(title, recipe, steps_per_epoch, params, device, fast):
+    """The first line of a fit: what it trains, how, and the fast paths."""
+    plan = f"{recipe['epochs']} epochs x {steps_per_epoch} steps, batch {recipe['batch_size']}"
+    log(f"{title}: {plan}, {recipe['optimizer']} lr {recipe['lr']}, {params:,} params, device {device}; "
+        f"{describe(fast)}")
+
+
+class ProgressLine:
+    """Within an epoch, a line with loss, speed and ETA every `log_every` seconds (not after the last step)."""
+
+    def __init__(self, epoch, recipe, steps_per_epoch, log_every, checkpoint_path):
+        self.epoch, self.recipe, self.steps, self.log_every = epoch, recipe, steps_per_epoch, log_every
+        self.checkpoint_path = checkpoint_path
+        self.start = self.last_print = time.time()
+
+    def maybe_log(self, step, loss_sum, seen):
+        if time.time() - self.last_print <= self.log_every or step + 1 >= self.steps:
+            return
+        self.last_print = time.time()
+        check_finite(loss_sum, self.epoch, self.checkpoint_path, self.recipe)
+        speed = seen / (self.last_print - self.start)
+        epoch_seconds = self.steps * self.recipe["batch_size"] / speed
+        eta = epoch_seconds * (self.recipe["epochs"] - self.epoch) - (self.last_print - self.start)
+        log(f"  epoch {self.epoch + 1} step {step + 1}/{self.steps} loss {loss_sum.item() / seen:.4f} "
+            f"{speed:.0f} img/s ETA {format_seconds(eta)} (training only)")
+
+
+def log_epoch(row, epochs, history):
+    """The line of an ended epoch: its metrics, lr, speed, time, and the ETA of the run."""
+    eta = (epochs - row["epoch"]) * sum(h["seconds"] for h in history) / len(history)
+    shown = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "lr", "images_per_sec", "seconds"))
+    log(f"epoch {row['epoch']}/{epochs} {shown} lr {row['lr']:.4g} {row['images_per_sec']:.0f} img/s "
+        f"{row['seconds']:.1f}s ETA {format_seconds(eta)}")
+
+
+def format_seconds(s):
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def check_finite(loss_sum, epoch, checkpoint_path, recipe):
+    if not torch.isfinite(loss_sum):
+        kept = f"the last good checkpoint {checkpoint_path} is intact" if checkpoint_path.exists() else "no checkpoint was written"
+        raise FloatingPointError(
+            f"the training loss became NaN/inf in epoch {epoch + 1}; stopped ({kept}). Start afresh with a lower "
+            f"--lr (this run's is {recipe['lr']:g}) or lower loss weights, adding --overwrite (or another --out-dir): "
+            f"--resume continues only with the same flags, and would repeat it")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, what cluster schedulers send before they pre-empt a job: stops a run as Ctrl-C does."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
+
+
+def where_the_run_stands():
+    """For a stop message: the newest complete checkpoint of this run and the command that resumes it."""
+    if last_checkpoint:
+        where = (f"the last complete checkpoint is {last_checkpoint['path']} (epoch {last_checkpoint['epoch']}"
+                 f"/{last_checkpoint['epochs']})")
+    else:
+        where = "no checkpoint was saved yet"
+    return f"{where}; to resume: {command_line([] if '--resume' in sys.argv else ['--resume'])}"
+
+
+def run_main(main):
+    """A NaN stop, Ctrl-C or SIGTERM ends in one clear line (exit code 1, 130 or 143) instead of a traceback."""
+    previous_handler = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        main()
+    except FloatingPointError as error:
+        log(f"error: {error}")
+        sys.exit(1)
+    except KeyboardInterrupt as stop:
+        terminated = isinstance(stop, Terminated)
+        log(f"interrupted{' (SIGTERM)' if terminated else ''}: {where_the_run_stands()}")
+        sys.exit(143 if terminated else 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+# --------------------------------------------------------------------------------------------- command line
 
 def number(text, kind, is_valid, description):
     """`text` as int or float (`kind`), or argparse's one-line error 'argument --flag: must be ...'."""
@@ -875,7 +947,6 @@ def nonnegative_float(text):
 
 
 MAX_SEED = 2 ** 32 - 1  # numpy's limit; train_batches' seed * 100_003 + epoch then fits torch's int64
-
 
 def seed_int(text):
     return number(text, int, lambda v: 0 <= v <= MAX_SEED, f"an integer in 0..{MAX_SEED}")
@@ -996,6 +1067,13 @@ def add_distill_args(parser):
                         "recipe (default %(default)s)")
 
 
+def run_options(args, teacher=None):
+    """fit's keyword arguments that a script's command line sets: `fit(..., **run_options(args, teacher))`."""
+    return dict(seed=args.seed, resume=args.resume, eval_every=args.eval_every, log_every=args.log_every,
+                fast=fast_paths(args, torch.device(args.device)), config=vars(args),
+                teacher=teacher_record(teacher) if teacher is not None else None)
+
+
 def setup(args, script, parser):
     """Seed, device, data and the run folder, the same for every script (`script`: common, blockwise_kd, sskd
     or lfcc): every check that can fail happens here, before anything is trained (see claim_out_dir)."""
@@ -1021,56 +1099,7 @@ def setup(args, script, parser):
     return device, data
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, what cluster schedulers send before they pre-empt a job: stops a run as Ctrl-C does."""
-
-
-def raise_terminated(signum, frame):
-    raise Terminated
-
-
-def where_the_run_stands():
-    """For a stop message: the newest complete checkpoint of this run and the command that resumes it."""
-    if last_checkpoint:
-        where = (f"the last complete checkpoint is {last_checkpoint['path']} (epoch {last_checkpoint['epoch']}"
-                 f"/{last_checkpoint['epochs']})")
-    else:
-        where = "no checkpoint was saved yet"
-    return f"{where}; to resume: {command_line([] if '--resume' in sys.argv else ['--resume'])}"
-
-
-def run_main(main):
-    """A NaN stop, Ctrl-C or SIGTERM ends in one clear line (exit code 1, 130 or 143) instead of a traceback."""
-    previous_handler = signal.signal(signal.SIGTERM, raise_terminated)
-    try:
-        main()
-    except FloatingPointError as error:
-        log(f"error: {error}")
-        sys.exit(1)
-    except KeyboardInterrupt as stop:
-        terminated = isinstance(stop, Terminated)
-        log(f"interrupted{' (SIGTERM)' if terminated else ''}: {where_the_run_stands()}")
-        sys.exit(143 if terminated else 130)
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
-
-
-# ====================================================================================== conveniences
-# Not part of the method's training: architecture identification for error messages, image-folder loading,
-# and the automatic training of a missing teacher.
-
-
-def identify_architecture(state_dict):
-    """The zoo name whose state_dict keys and shapes match, or None. Builds models on the meta device."""
-    num_classes = state_dict_classes(state_dict) or 100
-    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
-    for name in MODEL_NAMES:
-        with torch.device("meta"):
-            reference = create_model(name, num_classes).state_dict()
-        if {k: tuple(v.shape) for k, v in reference.items()} == shapes:
-            return name
-    return None
-
+# -------------------------------------------------------------------------------------------- image folders
 
 # What torchvision's ImageFolder reads (.jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp), and the other names of
 # JPEG and the Netpbm and GIF files that Pillow reads. Any other file is counted, named, and not read.
@@ -1140,8 +1169,9 @@ def load_image_folder(root):
     named in one log line."""
     root = Path(root).expanduser()
     if not (root / "train").is_dir() or not (root / "test").is_dir():
-        raise SystemExit(f"error: {root}/ has no train/ and test/ folders of class sub-folders. For the "
-                         f"CIFAR-10 images: mkdir -p {root} && tar -xzf ../shared/data/cifar10_jpeg.tar.gz -C {root}")
+        raise SystemExit(f"error: {root}/ has no train/ and test/ folders of class sub-folders: put the images "
+                         f"in {root}/train/<class>/ and {root}/test/<class>/ (the README's 'Data' section writes "
+                         f"torchvision's CIFAR-10 that way), or pass --data-dir DIR where they are")
     entries = {split: sorted((root / split).iterdir()) for split in ("train", "test")}
     class_lists = {split: [p.name for p in found if p.is_dir() and not p.name.startswith(".")]
                    for split, found in entries.items()}
@@ -1192,10 +1222,9 @@ def load_image_folder(root):
     return tensors, len(classes)
 
 
-# ------------------------------------------------------------------------------------------ teacher
+# ------------------------------------------------------------------------------------------------- teachers
 
 STANDARD_TEACHER_EPOCHS = 240
-
 
 def teacher_path(args, data, name, epochs=STANDARD_TEACHER_EPOCHS):
     """Where a teacher of this data is cached: checkpoints/<data>/<name>.pth for the standard 240 epochs,

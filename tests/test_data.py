@@ -76,7 +76,7 @@ def test_folder_of_odd_sizes_and_modes(tmp_path):
 def test_missing_folder_names_directory_and_fix(tmp_path):
     with pytest.raises(SystemExit) as error:
         common.load_data(make_args("--dataset", "folder", "--data-dir", tmp_path / "nowhere"), torch.device("cpu"))
-    assert "nowhere" in str(error.value) and "tar -xzf" in str(error.value)
+    assert "nowhere/train/<class>/" in str(error.value) and "shared" not in str(error.value)
 
 
 def test_missing_cifar_without_network_says_what_to_do(monkeypatch, tmp_path):
