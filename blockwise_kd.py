@@ -1,5 +1,9 @@
 """Block-wise logit distillation (Block-KD) for CIFAR, in one file.
 
+Where to look: the loss is `blockkd_loss`, fed by `make_loss_fn` (student, teacher and stepping-stone
+logits of one batch); `distill` hands it to `common.fit`, the loop, whose step is `common.make_train_step`
+(forward and loss, backward, optimizer step). The stepping-stones are `SteppingStones`.
+
 Paper: C. Yu, F. Zhang, R. Chen, A. Wang, Z. Liu, S. Tan, E.-P. Li, "Decoupling Dark Knowledge via
 Block-wise Logit Distillation for Feature-level Alignment", arXiv:2411.01547, IEEE TAI 2024. No official
 code is public, and the paper's hyper-parameters, connectors and tables could not be read: the
@@ -23,10 +27,10 @@ They exist only for training; the saved model is the plain student (connectors a
 
 Loss [paper], with Y^S = `student_logits`, Y^T = `teacher_logits`, Y^{N_i} = `stone_logits[i]`:
 
-    L_task    = CE(Y^S, y)    + sum_i w_i CE(Y^{N_i}, y)                    `task`
-    L_distill = d(Y^T, Y^S)   + sum_i w_i d(Y^T, Y^{N_i})                   `distill`
+    L_task    = CE(Y^S, y)    + sum_i w_i CE(Y^{N_i}, y)                    `task_loss`
+    L_distill = d(Y^T, Y^S)   + sum_i w_i d(Y^T, Y^{N_i})                   `distill_loss`
     Y^ens     = mean_i Y^{N_i}                                              `ensemble`
-    L_cross   = d(Y^ens, Y^S) + sum_i w_i d(Y^ens, Y^{N_i})                 `cross`
+    L_cross   = d(Y^ens, Y^S) + sum_i w_i d(Y^ens, Y^{N_i})                 `cross_loss`
     L         = alpha L_task + r(t) (beta L_distill + gamma L_cross)
 
 - w_i = 2^-(n-i) [paper, as quoted]; whether w_i also weighs L_cross is unknown [choice: yes,
@@ -170,19 +174,19 @@ def blockkd_loss(student_logits, teacher_logits, stone_logits, y, *, num_stages,
     def ce(logits):
         return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
 
-    task = ce(student_logits) + sum(weights[i] * ce(z) for i, z in stone_logits.items())
-    distill = kd_loss(student_logits, teacher_logits, T) + sum(
+    task_loss = ce(student_logits) + sum(weights[i] * ce(z) for i, z in stone_logits.items())
+    distill_loss = kd_loss(student_logits, teacher_logits, T) + sum(
         weights[i] * kd_loss(z, teacher_logits, T) for i, z in stone_logits.items())
-    cross = torch.zeros((), device=student_logits.device)
+    cross_loss = torch.zeros((), device=student_logits.device)
     if stone_logits:  # without stepping-stones there is no ensemble and L_cross = 0
         ensemble = torch.stack([z.float() for z in stone_logits.values()]).mean(0)
         if detach_ensemble:
             ensemble = ensemble.detach()
         cross_weights = weights if cross_stone_weights else {i: 1.0 for i in stone_logits}
-        cross = kd_loss(student_logits, ensemble, T) + sum(
+        cross_loss = kd_loss(student_logits, ensemble, T) + sum(
             cross_weights[i] * kd_loss(z, ensemble, T) for i, z in stone_logits.items())
-    loss = alpha * task + ramp * (beta * distill + gamma * cross)
-    terms = {"task": task.detach(), "distill": distill.detach(), "cross": cross.detach(),
+    loss = alpha * task_loss + ramp * (beta * distill_loss + gamma * cross_loss)
+    terms = {"task": task_loss.detach(), "distill": distill_loss.detach(), "cross": cross_loss.detach(),
              "ramp": torch.as_tensor(ramp, dtype=torch.float32, device=student_logits.device)}
     return loss, terms
 

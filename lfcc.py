@@ -1,5 +1,9 @@
 """LFCC: low-frequency contrastive knowledge distillation between heterogeneous architectures.
 
+Where to look: the loss is `stage_alignment` (filter -> project -> `info_nce`, per stage) plus CE and
+`kd_loss`, put together in `make_loss_fn`; `distill` hands it to `common.fit`, the loop, whose step is
+`common.make_train_step` (forward and loss, backward, optimizer step).
+
 Paper: Hongjun Wu, Li Xiao, Xingkuo Zhang, Yining Miao, "Aligning in a Compact Space: Contrastive Knowledge
 Distillation between Heterogeneous Architectures", arXiv:2405.18524 (2024). No code is public and only the
 abstract could be read: the idea is the paper's **[paper]**; the filter, the projectors, the temperature and
@@ -126,16 +130,19 @@ def channel_reductions(model, stages, reduce_to):
 
 
 class CompactSpace(nn.Module):
-    """Per distilled stage (per stage and scale with --per-scale) a student and a teacher projector,
-    Linear(filtered size -> d), L2-normalised; per distilled stage, optionally, each side's channel reduction.
+    """Per distilled stage (per stage and scale with --per-scale: `parts_per_stage` pairs, stored stage-major)
+    a student and a teacher projector, Linear(filtered size -> d), L2-normalised; per distilled stage,
+    optionally, each side's channel reduction.
 
     The teacher projectors train with the student: they learn which of the teacher's low-frequency content to
     offer, while the teacher's own weights stay frozen. The whole space runs in float32, autocast or not:
     the filtered vectors are cast up, the projection, normalisation and (in `info_nce`) the similarities are
     float32 matmuls (on CUDA, TF32 may round their inputs' mantissas unless --deterministic)."""
 
-    def __init__(self, student_sizes, teacher_sizes, dim, student_reductions=(), teacher_reductions=()):
+    def __init__(self, student_sizes, teacher_sizes, dim, student_reductions=(), teacher_reductions=(),
+                 parts_per_stage=1):
         super().__init__()
+        self.parts_per_stage = parts_per_stage
         self.student = nn.ModuleList(nn.Linear(n, dim) for n in student_sizes)
         self.teacher = nn.ModuleList(nn.Linear(n, dim) for n in teacher_sizes)
         if len(student_reductions) != len(teacher_reductions):
@@ -149,10 +156,12 @@ class CompactSpace(nn.Module):
             return student_map, teacher_map
         return self.student_reduce[index](student_map), self.teacher_reduce[index](teacher_map)
 
-    def forward(self, index, student_vec, teacher_vec):
+    def forward(self, index, student_vec, teacher_vec, part=0):
+        """(z_s, z_t) of distilled stage `index` (and scale `part` with --per-scale)."""
+        pair = index * self.parts_per_stage + part
         with torch.autocast(student_vec.device.type, enabled=False):
-            z_student = F.normalize(self.student[index](student_vec.float()), dim=1)
-            z_teacher = F.normalize(self.teacher[index](teacher_vec.float()), dim=1)
+            z_student = F.normalize(self.student[pair](student_vec.float()), dim=1)
+            z_teacher = F.normalize(self.teacher[pair](teacher_vec.float()), dim=1)
         return z_student, z_teacher
 
 
@@ -184,9 +193,10 @@ def make_compact_space(student, teacher, stages, low_pass, dim, reduce_channels=
     check_frozen_teacher(teacher)
     student_reductions = channel_reductions(student, stages, reduce_channels)
     teacher_reductions = channel_reductions(teacher, stages, reduce_channels)
-    return CompactSpace(filtered_sizes(student, stages, low_pass, student_reductions),
-                        filtered_sizes(teacher, stages, low_pass, teacher_reductions), dim,
-                        student_reductions, teacher_reductions)
+    student_sizes = filtered_sizes(student, stages, low_pass, student_reductions)
+    teacher_sizes = filtered_sizes(teacher, stages, low_pass, teacher_reductions)
+    return CompactSpace(student_sizes, teacher_sizes, dim, student_reductions, teacher_reductions,
+                        parts_per_stage=len(student_sizes) // len(stages))
 
 
 # ------------------------------------------------------------------------------------------- the loss
@@ -239,15 +249,20 @@ def stage_alignment(x, student, teacher, space, low_pass, *, stages=(1, 2, 3), t
         # outside no_grad: a teacher-side channel reduction is trained (the teacher's map needs no gradient)
         student_map, teacher_map = space.reduce(index, models.to_map(student_features[k - 1]),
                                                 models.to_map(teacher_features[k - 1]))
-        student_vecs, teacher_vecs = filter_parts(low_pass(student_map)), filter_parts(low_pass(teacher_map))
-        parts = len(student_vecs)  # projector pairs per stage: 1, or one per scale with --per-scale
-        aligned = [align(*space(index * parts + j, student_vec, teacher_vec), tau)
-                   for j, (student_vec, teacher_vec) in enumerate(zip(student_vecs, teacher_vecs))]
-        if parts == 1:
-            per_stage.append(aligned[0])
-        else:  # L_k = the mean over scales of their InfoNCE; the rank accuracy likewise
-            per_stage.append(tuple(torch.stack(values).mean() for values in zip(*aligned)))
+        student_vec, teacher_vec = low_pass(student_map), low_pass(teacher_map)      # filter
+        if isinstance(student_vec, list):  # --per-scale: a vector per scale, each aligned on its own
+            per_stage.append(align_per_scale(space, index, student_vec, teacher_vec, align, tau))
+        else:
+            per_stage.append(align(*space(index, student_vec, teacher_vec), tau))  # project, align: L_k
     return student_logits, teacher_logits, per_stage
+
+
+def align_per_scale(space, index, student_vecs, teacher_vecs, align, tau):
+    """The --per-scale reading [choice]: L_k = the mean over scales of each scale's alignment (its own
+    projector pair and InfoNCE); the rank accuracy likewise."""
+    aligned = [align(*space(index, student_vec, teacher_vec, part=scale), tau)
+               for scale, (student_vec, teacher_vec) in enumerate(zip(student_vecs, teacher_vecs))]
+    return tuple(torch.stack(values).mean() for values in zip(*aligned))
 
 
 def make_loss_fn(args, recipe, student, teacher, space, low_pass):

@@ -1,6 +1,10 @@
 """Stage-by-stage knowledge distillation (SSKD): first copy the teacher's features stage by stage, then
 train the task head on labels alone.
 
+Where to look: the loss is `feature_distances` (phase A) and `make_head_loss_fn` (phase B); the phases are
+`train_backbone` and `train_head`, run in order by `distill`; each phase's step and loop are
+`common.make_train_step` and `common.fit`.
+
 Paper: Mengya Gao, Yujun Shen, Quanquan Li, Junjie Yan, Liang Wan, Dahua Lin, Chen Change Loy, Xiaoou Tang,
 "Feature Matters: A Stage-by-Stage Approach for Knowledge Transfer", arXiv:1812.01819 (2018); v2 (2019) is
 "An Embarrassingly Simple Approach for Knowledge Distillation". (Not "Knowledge Distillation Meets
@@ -36,27 +40,18 @@ trained with cross-entropy on the labels alone: L = CE(head(z_K), y). No teacher
 Schedule **[choice]**: budget matched to a 240-epoch run. Of `--epochs` E, the head phase gets a tenth
 (E // 10, at least 1) and the K stage phases share the rest equally ((E - head) // K, at least 1; a
 remainder is not trained): 72 + 72 + 72 + 24 for E = 240, 6 + 6 + 6 + 2 for E = 20; `--stage-epochs` /
-`--head-epochs` override. Why: on the CPU mini-benchmark (resnet20 -> resnet8, 5,000 real images, seed 0;
-README "Results") accuracy follows the stage-3 copy, which improves with every stage epoch (stage-3 test
-MSE 30 / 28 / 25 / 22 % of the teacher's feature energy at 5 / 6 / 10 / 20 epochs per stage: 58.9 / 59.2 /
-61.7 / 63.3 %), while the head on a frozen backbone needs few epochs (2 instead of 5 lost nothing). The
-even split used before (5 + 5 + 5 + 5) gave 58.6 ± 0.4 % over 3 seeds, 0.9 points below the student alone.
+`--head-epochs` override. Why (the budget study, benchmarks/README.md): accuracy follows the stage-3 copy,
+which improves with every stage epoch, while the head on a frozen backbone needs few epochs.
 Every phase is one `common.fit` with its own optimizer over that phase's trainable parameters only (weight
 decay touches nothing else) and the student family's recipe scaled to the phase (cnn: SGD lr 0.05,
 momentum 0.9, wd 5e-4, batch 64, x0.1 at 62.5/75/87.5 % of the phase; a `--milestones` given on the command
-line applies to every phase as it is). Its outputs go to out_dir/stage1,
-stage2, stage3, head; out_dir/summary.json gathers them and out_dir/model.pth is the final student.
+line applies to every phase as it is). Its outputs go to out_dir/stage1, stage2, stage3, head;
+out_dir/summary.json gathers them and out_dir/model.pth is the final student.
 
 Loss scale `--feat-weight` w **[choice]**: phase A has one term, so w only scales its gradient against
 weight decay and the learning rate (with SGD; AdamW, the token recipe, is nearly scale-free). Default
-w = 10, picked in two short runs at lr 0.05, seed 0 (test feature MSE of stages 1/2/3):
-- synthetic, resnet8 (99.5 %) -> resnet8, 640 images, 3 epochs per phase: w = 1: 0.067/0.100/0.197, head
-  89.5 %; w = 10: 0.088/0.109/0.157, head 96.7 %; w = 100: 0.194/0.228/0.302, head 91.8 %.
-- real images, the public CIFAR-100 resnet56 -> resnet20 on 768 of the 916 stored CIFAR-100 images, 3 epochs
-  per stage: w = 1: 0.49/0.61/7.20; w = 10: 0.39/0.45/6.49; w = 100: 0.70/0.56/6.45.
-w = 100 (the FitNet hint weight, there balanced against CE) takes steps too large for a lone loss: its
-training MSE stalls above the others and its first-epoch test MSE jumped (to 5.7e4 at stage 2, real run).
-w = 1 is the slowest. w = 10 was best or close to it everywhere.
+w = 10, best or close to it in two short runs against 1 and 100 (benchmarks/README.md); w = 100, the FitNet
+hint weight (there balanced against CE), takes steps too large for a lone loss.
 
 Ablations **[choice]**, each one branch: `--joint` (one phase trains the whole backbone on the sum of all
 stage losses, K x the stage epochs), `--teacher-input` (stage k is fed the teacher's feature k-1; only
@@ -228,14 +223,12 @@ def train_head(args, data, student, epochs, out_dir, teacher=None):
 
 
 def phase_plan(args, num_stages):
-    """[(name, 0-based stages trained or None for the head, epochs)] in the order they run."""
+    """([(name, the 0-based stages it trains, epochs)] of phase A in the order they run, phase B's epochs)."""
     head_epochs = args.head_epochs or max(1, args.epochs // 10)
     stage_epochs = args.stage_epochs or max(1, (args.epochs - head_epochs) // num_stages)
     if args.joint:
-        plan = [("joint", list(range(num_stages)), num_stages * stage_epochs)]
-    else:
-        plan = [(f"stage{k + 1}", [k], stage_epochs) for k in range(num_stages)]
-    return plan + [("head", None, head_epochs)]
+        return [("joint", list(range(num_stages)), num_stages * stage_epochs)], head_epochs
+    return [(f"stage{k + 1}", [k], stage_epochs) for k in range(num_stages)], head_epochs
 
 
 def distill(args, data, teacher, student):
@@ -246,24 +239,23 @@ def distill(args, data, teacher, student):
         raise SystemExit(f"error: {student.arch} and {teacher.arch} have different numbers of stages")
     if args.teacher_input:
         check_teacher_input(student, teacher)
+    backbone_phases, head_epochs = phase_plan(args, len(student.stages()))
+    plan = [(name, epochs) for name, _, epochs in backbone_phases] + [("head", head_epochs)]
+    shown = ", ".join(f"{name}/ {epochs} epochs" for name, epochs in plan)
+    common.log(f"SSKD: {len(plan)} phases, each its own run in a sub-folder of {out_dir}: {shown}; "
+               f"{sum(epochs for _, epochs in plan)} epochs in all")
+    # With --resume every phase continues through fit's own resume, which checks that its checkpoint is of
+    # this run; a finished phase trains no epoch and leaves the student as the phase ended it. Adapter and
+    # head initialisation depend only on (seed, phase): a resumed run equals an uninterrupted one.
     summaries, stage_mse = {}, {}
-    plan = phase_plan(args, len(student.stages()))
-    common.log(f"SSKD: {len(plan)} phases, each its own run in a sub-folder of {out_dir}: "
-               f"{', '.join(f'{name}/ {epochs} epochs' for name, _, epochs in plan)}; "
-               f"{sum(epochs for _, _, epochs in plan)} epochs in all")
-    for index, (name, trained, epochs) in enumerate(plan):
-        # With --resume every phase continues through fit's own resume, which checks that its checkpoint is
-        # of this run; a finished phase trains no epoch and leaves the student as the phase ended it.
-        # Adapter and head initialisation depend only on (seed, phase): a resumed run equals an uninterrupted one.
+    for index, (name, trained, epochs) in enumerate(backbone_phases):  # phase A
         torch.manual_seed(args.seed + index)
-        if trained is None:
-            summaries[name] = train_head(args, data, student, epochs, out_dir / name, teacher)
-        else:
-            summaries[name] = train_backbone(args, data, student, teacher, trained, epochs, out_dir / name)
-        if trained is not None:
-            for k, key in zip(trained, metric_names(trained)):
-                stage_mse[f"stage{k + 1}"] = summaries[name]["last_epoch"][key]
-                common.log(f"SSKD stage {k + 1}: test feature MSE {stage_mse[f'stage{k + 1}']:.4g}")
+        summaries[name] = train_backbone(args, data, student, teacher, trained, epochs, out_dir / name)
+        for k, key in zip(trained, metric_names(trained)):
+            stage_mse[f"stage{k + 1}"] = summaries[name]["last_epoch"][key]
+            common.log(f"SSKD stage {k + 1}: test feature MSE {stage_mse[f'stage{k + 1}']:.4g}")
+    torch.manual_seed(args.seed + len(backbone_phases))  # phase B
+    summaries["head"] = train_head(args, data, student, head_epochs, out_dir / "head", teacher)
     for p in student.parameters():
         p.requires_grad_(True)
 
