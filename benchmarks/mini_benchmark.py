@@ -14,7 +14,8 @@ seconds per run) and, per run, <out>/<row>_<student>_seed<S>/run_info.json (comm
 
 A run whose summary.json exists is not run again and an interrupted one resumes (every run gets --resume),
 so the grid can be stopped and restarted at any time. Every run uses `--amp bf16` by default (this CPU has
-native bf16; the README's accuracy check found it within the seed spread of fp32 at 2.4x the speed).
+native bf16; the accuracy check in benchmarks/README.md found it within the seed spread of fp32 at 2.4x the
+speed).
 """
 import argparse
 import json

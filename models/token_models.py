@@ -114,7 +114,8 @@ class _TokenHead(nn.Module):
         return self.fc(self.norm(x).mean(1))
 
 
-# The defaults are the sizes chosen as students (see README's model table): ~2.7M and ~0.87M parameters.
+# The defaults are the sizes chosen as students (see the model table in benchmarks/README.md): ~2.7M and
+# ~0.87M parameters.
 
 def vit(num_classes=100, dim=192, depth=9, heads=3, mlp_hidden=384):
     blocks = [TransformerBlock(dim, heads, mlp_hidden) for _ in range(depth)]
