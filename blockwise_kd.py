@@ -102,8 +102,8 @@ def check_frozen_teacher(teacher):
     trainable = sum(p.requires_grad for p in teacher.parameters())
     in_train_mode = sum(m.training for m in teacher.modules())
     if trainable or in_train_mode:
-        raise ValueError(f"the teacher must be frozen, but {trainable} of its parameter tensors require grad and "
-                         f"{in_train_mode} of its modules are in train mode; call teacher.eval() and "
+        raise ValueError(f"the teacher must be frozen, but {trainable} of its parameter tensors require grad "
+                         f"and {in_train_mode} of its modules are in train mode; call teacher.eval() and "
                          f"teacher.requires_grad_(False) first")
 
 
@@ -127,7 +127,8 @@ class SteppingStones(nn.Module):
             if identity_connector and s == t:
                 self.connectors[str(i)] = nn.Identity()
             else:
-                self.connectors[str(i)] = Connector(s, t, teacher.feature_kind, teacher.stage_output_activation)
+                self.connectors[str(i)] = Connector(s, t, teacher.feature_kind,
+                                                    teacher.stage_output_activation)
 
     def forward(self, i, student_feature):
         """Y^{N_i} from S_i ... S_1 (x) = `student_feature`; gradients flow through the frozen teacher."""
@@ -151,7 +152,8 @@ def kd_loss(logits, target_logits, temperature):
 
 
 def stone_weight(i, num_stages):
-    """w_i = 2^-(n-i): the deepest stepping-stone N_n (whole student backbone) weighs 1, N_1 weighs 2^-(n-1)."""
+    """w_i = 2^-(n-i): the deepest stepping-stone N_n (the whole student backbone) weighs 1, N_1 weighs
+    2^-(n-1)."""
     return 2.0 ** -(num_stages - i)
 
 
@@ -204,7 +206,8 @@ def parse_stones(text, num_stages):
     except ValueError:
         stones = None
     if not stones or not all(1 <= i <= num_stages for i in stones):
-        raise ValueError(f"--stones must be all, none or a comma list of stages 1..{num_stages}, not {text!r}")
+        raise ValueError(f"--stones must be all, none or a comma list of stages 1..{num_stages}, "
+                         f"not {text!r}")
     return stones
 
 
@@ -228,8 +231,9 @@ def make_loss_fn(student, teacher, stepping_stones, args, ramp_epochs, label_smo
             teacher_logits = teacher(x)
         features, student_logits = models.stage_features(student, x)
         stone_logits = stepping_stones.all_logits(features)
-        return blockkd_loss(student_logits, teacher_logits, stone_logits, y, num_stages=stepping_stones.num_stages,
-                            ramp=warmup_factor(progress, ramp_epochs), **weights)
+        return blockkd_loss(student_logits, teacher_logits, stone_logits, y,
+                            num_stages=stepping_stones.num_stages, ramp=warmup_factor(progress, ramp_epochs),
+                            **weights)
     return loss_fn
 
 
@@ -252,13 +256,14 @@ def distill(args, data, teacher, student):
         raise SystemExit(f"error: {student.arch} and {teacher.arch} have different numbers of stages")
     stones = parse_stones(args.stones, num_stages)
     ramp_epochs = resolve_ramp_epochs(args, stones)
-    stepping_stones = SteppingStones(teacher, student, stones, args.identity_connector).to(data.train_x.device)
+    stepping_stones = SteppingStones(teacher, student, stones, args.identity_connector)
+    stepping_stones.to(data.train_x.device)
     recipe = common.make_recipe(args, models.model_family(student.arch), model_name=student.arch)
     connector_params = common.count_params(stepping_stones)
-    common.log(f"Block-KD: stepping-stones {stones or 'none'} (weights "
-               f"{[stone_weight(i, num_stages) for i in stones]}), {connector_params:,} connector parameters, "
-               f"T {args.kd_temperature}, alpha {args.alpha}, beta {args.beta}, gamma {args.gamma}, "
-               f"warm-up {ramp_epochs:g} epochs")
+    stone_weights = [stone_weight(i, num_stages) for i in stones]
+    common.log(f"Block-KD: stepping-stones {stones or 'none'} (weights {stone_weights}), "
+               f"{connector_params:,} connector parameters, T {args.kd_temperature}, alpha {args.alpha}, "
+               f"beta {args.beta}, gamma {args.gamma}, warm-up {ramp_epochs:g} epochs")
     method_fields = {"method": "blockwise_kd", "blockwise_kd": {
         "stones": stones, "stone_weights": {str(i): stone_weight(i, num_stages) for i in stones},
         "ramp_epochs": ramp_epochs, "connector_params": connector_params,
@@ -286,7 +291,8 @@ def add_args(parser):
     """Block-KD's own flags; every [choice] of the method is one of them."""
     g = parser.add_argument_group("Block-KD")
     g.add_argument("--stones", type=stones_flag, default="all", metavar="LIST",
-                   help="stepping-stones N_i in the loss: all (default), none (plain KD), or a comma list like 1,3")
+                   help="stepping-stones N_i in the loss: all (default), none (plain KD), or a comma list "
+                        "like 1,3")
     g.add_argument("--kd-temperature", "-T", type=common.positive_float, default=4.0, metavar="T",
                    help="KD temperature T of d(p, q) (default 4)")
     g.add_argument("--alpha", type=common.nonnegative_float, default=1.0,
@@ -294,12 +300,13 @@ def add_args(parser):
     g.add_argument("--beta", type=common.nonnegative_float, default=1.0,
                    help="weight of L_distill, teacher -> student and stepping-stones (default 1)")
     g.add_argument("--gamma", type=common.nonnegative_float, default=1.0,
-                   help="weight of L_cross, stepping-stone ensemble -> student and stepping-stones (default 1)")
+                   help="weight of L_cross, stepping-stone ensemble -> student and stepping-stones "
+                        "(default 1)")
     g.add_argument("--ramp-epochs", type=common.nonnegative_float, default=None, metavar="EPOCHS",
-                   help="linear warm-up of the beta and gamma terms from 0 to 1 over this many epochs (float). "
-                        "Default: 20/240 of --epochs (20 at 240, like the lr milestones it scales with short "
-                        "runs), and 0 (no warm-up) with --stones none, so that the KD baseline is exactly "
-                        "Hinton KD from the first step")
+                   help="linear warm-up of the beta and gamma terms from 0 to 1 over this many epochs "
+                        "(float). Default: 20/240 of --epochs (20 at 240, like the lr milestones it scales "
+                        "with short runs), and 0 (no warm-up) with --stones none, so that the KD baseline is "
+                        "exactly Hinton KD from the first step")
     g.add_argument("--cross-stone-weights", action=argparse.BooleanOptionalAction, default=True,
                    help="apply w_i = 2^-(n-i) to the stepping-stone terms inside L_cross too (default yes)")
     g.add_argument("--detach-ensemble", action=argparse.BooleanOptionalAction, default=True,
@@ -309,9 +316,10 @@ def add_args(parser):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Block-wise logit distillation (Block-KD, arXiv:2411.01547): "
-                                     "stepping-stone models built from the student's first stages and the "
-                                     "frozen teacher's last ones are distilled along with the student.")
+    parser = argparse.ArgumentParser(description="Block-wise logit distillation (Block-KD, "
+                                     "arXiv:2411.01547): stepping-stone models built from the student's "
+                                     "first stages and the frozen teacher's last ones are distilled along "
+                                     "with the student.")
     common.add_common_args(parser)
     common.add_distill_args(parser)
     add_args(parser)

@@ -4,7 +4,8 @@ then, below one banner, the bookkeeping a reader of the methods can skip.
 Run alone it trains one model with the standard recipe (teachers and the plain-student baselines):
 
     python common.py --model resnet32x4                       # CIFAR-100, 240 epochs, SGD recipe
-    python common.py --model resnet8 --dataset folder --data-dir ~/data/cifar10 --train-subset 5000 --epochs 20
+    python common.py --model resnet8 --dataset folder --data-dir ~/data/cifar10 --train-subset 5000 \\
+        --epochs 20
 
 Where to look: the training step is `make_train_step` (forward and loss, backward, clipping, optimizer
 step), the loop is `fit`, right below it; a method calls `fit` with its loss_fn, train_modules and eval_fn.
@@ -100,11 +101,12 @@ def load_cifar(name, data_dir):
             try:
                 ds = cls(data_dir, train=train, download=True)
             except Exception as error:
-                raise SystemExit(
-                    f"error: {name} is not in {data_dir}/ and could not be downloaded ({type(error).__name__}). "
-                    f"On a machine with network run: python -c \"import torchvision; torchvision.datasets."
-                    f"{cls.__name__}('{data_dir}', download=True)\" and copy {data_dir}/ here, or pass "
-                    f"--data-dir DIR where it is, or use --dataset folder/synthetic.") from None
+                fetch = f"torchvision.datasets.{cls.__name__}('{data_dir}', download=True)"
+                fix = (f"On a machine with network run: python -c \"import torchvision; {fetch}\" and "
+                       f"copy {data_dir}/ here, or pass --data-dir DIR where it is, or use --dataset "
+                       "folder/synthetic.")
+                raise SystemExit(f"error: {name} is not in {data_dir}/ and could not be downloaded "
+                                 f"({type(error).__name__}). {fix}") from None
         splits += [torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)]
     return splits, len(ds.classes)
 
@@ -123,7 +125,8 @@ def make_synthetic(num_classes=10, train_size=10000, test_size=2000, seed=1234):
         rows, cols = (torch.arange(32) - shifts[:, 0]) % 32, (torch.arange(32) - shifts[:, 1]) % 32
         x = x[torch.arange(n)[:, None, None, None], torch.arange(3)[None, :, None, None],
               rows[:, None, :, None], cols[:, None, None, :]]  # a circular shift of each image
-        x = 0.5 + (x - 0.5) * (0.5 + torch.rand(n, 1, 1, 1, generator=g)) + 0.35 * torch.randn(x.shape, generator=g)
+        contrast = 0.5 + torch.rand(n, 1, 1, 1, generator=g)
+        x = 0.5 + (x - 0.5) * contrast + 0.35 * torch.randn(x.shape, generator=g)
         splits += [(x.clamp(0, 1) * 255).round().to(torch.uint8), labels]
     return splits, num_classes
 
@@ -136,7 +139,8 @@ def balanced_subset(labels, size, num_classes, seed):
     for c in range(num_classes):
         idx = (labels == c).nonzero().flatten()
         if len(idx) < per_class:
-            raise SystemExit(f"error: --train-subset {size} needs {per_class} images of class {c}, it has {len(idx)}")
+            raise SystemExit(f"error: --train-subset {size} needs {per_class} images of class {c}, it has "
+                             f"{len(idx)}")
         picks.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
     return torch.cat(picks).sort().values
 
@@ -155,13 +159,14 @@ def load_data(args, device):
             raise SystemExit(f"error: --train-subset {args.train_subset} is more than the {len(train_y)} "
                              f"training images of {args.dataset}")
         if args.train_subset < num_classes:
-            raise SystemExit(f"error: --train-subset {args.train_subset} is fewer than the {num_classes} classes "
-                             f"of {args.dataset}: a class-balanced subset needs one image per class at least")
+            raise SystemExit(f"error: --train-subset {args.train_subset} is fewer than the {num_classes} "
+                             f"classes of {args.dataset}: a class-balanced subset needs one image per class "
+                             "at least")
         if args.train_subset % num_classes:
             lower = args.train_subset // num_classes * num_classes
-            raise SystemExit(f"error: --train-subset {args.train_subset} does not split evenly over the {num_classes} "
-                             f"classes of {args.dataset}: use a multiple of {num_classes}, e.g. {lower} or "
-                             f"{lower + num_classes}")
+            raise SystemExit(f"error: --train-subset {args.train_subset} does not split evenly over the "
+                             f"{num_classes} classes of {args.dataset}: use a multiple of {num_classes}, "
+                             f"e.g. {lower} or {lower + num_classes}")
         keep = balanced_subset(train_y, args.train_subset, num_classes, seed=0)
         train_x, train_y = train_x[keep], train_y[keep]
     if args.dataset in ("folder", "synthetic"):  # statistics of the images actually trained on
@@ -194,7 +199,8 @@ def train_batches(data, batch_size, seed, epoch, channels_last=False):
 def test_batches(data, batch_size=500, channels_last=False):
     for start in range(0, len(data.test_y), batch_size):
         x = data.normalize(data.test_x[start:start + batch_size])
-        yield (x.contiguous(memory_format=torch.channels_last) if channels_last else x), data.test_y[start:start + batch_size]
+        x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        yield x, data.test_y[start:start + batch_size]
 
 
 # -------------------------------------------------------------------------------------------------- recipes
@@ -202,12 +208,12 @@ def test_batches(data, batch_size=500, channels_last=False):
 # The training recipe of each model family. cnn: the CIFAR benchmark's SGD recipe, x0.1 at 62.5/75/87.5 % of
 # the epochs (150/180/210 of 240), with the benchmark's per-model lr where it differs (models.DEFAULT_LR:
 # MobileNetV2/ShuffleV1/ShuffleV2 0.01). token (ViT/Mixer): AdamW, cosine after a linear warm-up of
-# min(5, epochs // 10) epochs (None here), label smoothing 0.1. The --help of the recipe flags reads from here.
+# min(5, epochs // 10) epochs (None here), label smoothing 0.1. The recipe flags' --help reads from here.
 RECIPES = {
     "cnn": dict(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=64, schedule="step",
                 lr_decay=0.1, warmup_epochs=0, label_smoothing=0.0),
-    "token": dict(optimizer="adamw", lr=1e-3, momentum=0.9, weight_decay=0.05, batch_size=128, schedule="cosine",
-                  lr_decay=0.1, warmup_epochs=None, label_smoothing=0.1),
+    "token": dict(optimizer="adamw", lr=1e-3, momentum=0.9, weight_decay=0.05, batch_size=128,
+                  schedule="cosine", lr_decay=0.1, warmup_epochs=None, label_smoothing=0.1),
 }
 
 
@@ -223,7 +229,8 @@ def make_recipe(args, family, epochs=None, use_overrides=True, model_name=None):
     recipe.update(epochs=epochs or args.epochs, milestones=None, grad_clip=0.0)
     recipe["lr"] = DEFAULT_LR.get(model_name, recipe["lr"])
     if use_overrides:
-        recipe.update({k: getattr(args, k) for k in recipe if k != "epochs" and getattr(args, k, None) is not None})
+        given = {k: getattr(args, k) for k in recipe if k != "epochs" and getattr(args, k, None) is not None}
+        recipe.update(given)
     if recipe["warmup_epochs"] is None:
         recipe["warmup_epochs"] = min(5, recipe["epochs"] // 10)
     if recipe["milestones"] is None:  # distinct: in a short run two fractions can round to one epoch
@@ -269,7 +276,7 @@ def fast_paths(args, device):
         float32 compute in float32 inside it (KD terms, InfoNCE, feature MSE).
     channels_last: NHWC memory format for images, models and connectors (`--[no-]channels-last`; default on:
         faster convolutions with cuDNN, and on CPU measured 1.17-1.22x the images/s of every method with a CNN
-        student, see README).
+        student, see benchmarks/README.md).
     compile: None, or the torch.compile mode of the forward and loss (`--compile [MODE]`): "default" fuses
         kernels; "reduce-overhead" also replays each step as a CUDA graph, for steps bound by kernel launches.
     fused: the single-kernel SGD/AdamW update wherever torch has one for the device (not a flag; on CPU it
@@ -368,7 +375,8 @@ def default_eval(model):
 
 def fit(model, data, out_dir, recipe, *, seed, loss_fn=None, train_modules=None, eval_fn=None, fast=None,
         resume=False, eval_every=1, log_every=30.0, title="", summary_fields=None, config=None, teacher=None):
-    """Train and evaluate `model` on `data` with `recipe` (see make_recipe) into `out_dir`; return the summary.
+    """Train and evaluate `model` on `data` with `recipe` (see make_recipe) into `out_dir`; return the
+    summary.
 
     model: the network that is evaluated and saved as `model.pth` (the student).
     seed: the seed of the batches' order and augmentation (the caller seeds the initialisation).
@@ -403,7 +411,8 @@ def fit(model, data, out_dir, recipe, *, seed, loss_fn=None, train_modules=None,
             module.train()
         progress_line = ProgressLine(epoch, recipe, steps_per_epoch, log_every, folder.checkpoint)
         loss_sum, term_sums, seen = torch.zeros((), device=device), {}, 0
-        for step, (x, y) in enumerate(train_batches(data, recipe["batch_size"], seed, epoch, fast.channels_last)):
+        batches = train_batches(data, recipe["batch_size"], seed, epoch, fast.channels_last)
+        for step, (x, y) in enumerate(batches):
             progress = epoch + step / steps_per_epoch
             lr = learning_rate(recipe, progress)
             loss, terms = train_step(x, y, progress, lr)
@@ -458,7 +467,7 @@ class RunFolder:
     def __init__(self, out_dir, identity):
         self.out_dir, self.identity = Path(out_dir), identity
         ensure_writable(self.out_dir, "the run folder")
-        lock_dir(self.out_dir, "the run folder")  # a teacher run under checkpoints/; a script's is locked already
+        lock_dir(self.out_dir, "the run folder")  # a teacher's run under checkpoints/ (a script's is locked)
         self.checkpoint, self.metrics = self.out_dir / "checkpoint.pt", self.out_dir / "metrics.jsonl"
         self.started = time.time()
 
@@ -471,8 +480,9 @@ class RunFolder:
             found = differences(identity_entries(state.get("identity", {})), identity_entries(self.identity),
                                 "the checkpoint")
             if found:
-                raise SystemExit(f"error: {self.checkpoint} is from another training run ({'; '.join(found)}); "
-                                 f"nothing was changed. Delete its folder to train afresh, or choose another folder")
+                raise SystemExit(f"error: {self.checkpoint} is from another training run "
+                                 f"({'; '.join(found)}); nothing was changed. Delete its folder to train "
+                                 "afresh, or choose another folder")
             model.load_state_dict(state["model"])
             for module, module_state in zip(train_modules, state["train_modules"]):
                 module.load_state_dict(module_state)
@@ -482,7 +492,7 @@ class RunFolder:
             last_checkpoint.update(path=self.checkpoint, epoch=len(history), epochs=epochs)
             finished = " (finished: no epoch left to train)" if len(history) == epochs else ""
             log(f"resumed {self.out_dir} at epoch {len(history)}/{epochs}{finished}")
-        write_metrics(self.metrics, history)  # from the checkpoint's history: no duplicate epochs after a resume
+        write_metrics(self.metrics, history)  # from the checkpoint's history: no epoch twice after a resume
         return history
 
     def save_epoch(self, model, train_modules, optimizer, history, epochs):
@@ -497,7 +507,8 @@ class RunFolder:
         """model.pth (when the last epoch was evaluated) and summary.json; returns the summary."""
         last = history[-1] if history else {}
         if "test_acc" in last:
-            save_atomic(model_file(model, recipe["epochs"], last["test_acc"], data), self.out_dir / "model.pth")
+            final_model = model_file(model, recipe["epochs"], last["test_acc"], data)
+            save_atomic(final_model, self.out_dir / "model.pth")
         evaluated = [h for h in history if "test_acc" in h]
         best = max(evaluated, key=lambda h: h["test_acc"]) if evaluated else {}  # the first of equals
         summary = {"last_acc": last.get("test_acc"), "best_acc": best.get("test_acc"),
@@ -543,7 +554,8 @@ def write_atomic(path, content):
             f.write(content)
         os.replace(tmp, path)
     except OSError as error:
-        raise SystemExit(f"error: cannot write {path} ({error.strerror or error}); {where_the_run_stands()}") from None
+        raise SystemExit(f"error: cannot write {path} ({error.strerror or error}); "
+                         f"{where_the_run_stands()}") from None
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
@@ -581,9 +593,9 @@ def load_weights(model, path):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        # Not torch's message: it names the exception's cause and suggests weights_only=False (unsafe loading).
-        raise SystemExit(f"error: {path} is not a readable PyTorch checkpoint ({type(error).__name__}); it must "
-                         f"hold tensors only: a state_dict, or a dict with a 'model' entry") from None
+        # Not torch's message: it names the exception's cause and suggests weights_only=False (unsafe).
+        raise SystemExit(f"error: {path} is not a readable PyTorch checkpoint ({type(error).__name__}); it "
+                         "must hold tensors only: a state_dict, or a dict with a 'model' entry") from None
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise SystemExit(f"error: {path} holds no state_dict (expected a dict with a 'model' entry)")
@@ -623,14 +635,15 @@ def model_file(model, epoch, accuracy, data):
 # another device) and are left out of default run-folder names. --amp and the other speed flags change
 # float rounding only.
 RUN_ONLY_FLAGS = {"out_dir", "resume", "overwrite", "data_dir", "checkpoint_dir", "log_every", "eval_every",
-                  "device", "amp", "channels_last", "compile", "deterministic", "teacher_ckpt", "save_as_teacher"}
+                  "device", "amp", "channels_last", "compile", "deterministic", "teacher_ckpt",
+                  "save_as_teacher"}
 
 
 NAMED_FLAGS = {"model", "teacher", "student", "dataset", "train_subset", "seed"}  # already in the folder name
 
 RUN_FILE = "run.json"
 
-RUN_OUTPUTS = ("checkpoint.pt", "metrics.jsonl", "summary.json", "model.pth")  # what fit writes in a run folder
+RUN_OUTPUTS = ("checkpoint.pt", "metrics.jsonl", "summary.json", "model.pth")  # what fit writes in a folder
 
 _locked_dirs = {}  # resolved path -> open lock file, held until the process exits
 
@@ -661,7 +674,8 @@ def dataset_tag(args, data):
 def default_out_dir(args, parser, run_name, data):
     """runs/<name>_<data>_seed<S>, then every training flag that differs from its default, e.g.
     runs/blockwise_kd_resnet32x4_resnet8x4_cifar100_seed0_alpha0.1_beta0.9_gamma0.0_stones-none, so that two
-    commands that train differently never share a folder (a hash replaces a list longer than 80 characters)."""
+    commands that train differently never share a folder (a hash replaces a list longer than 80
+    characters)."""
     changed = []
     for key, value in sorted(vars(args).items()):
         if key in RUN_ONLY_FLAGS | NAMED_FLAGS or value == parser.get_default(key):
@@ -669,7 +683,8 @@ def default_out_dir(args, parser, run_name, data):
         if isinstance(value, bool):
             changed.append(key.replace("_", "-") if value else "no-" + key.replace("_", "-"))
         else:
-            changed.append(f"{key.replace('_', '-')}{'-' if isinstance(value, str) else ''}{flag_value(value)}")
+            name, dash = key.replace("_", "-"), "-" if isinstance(value, str) else ""
+            changed.append(f"{name}{dash}{flag_value(value)}")
     suffix = "_".join(changed)
     if len(suffix) > 80:
         suffix = "flags-" + hashlib.sha1(suffix.encode()).hexdigest()[:10]
@@ -679,7 +694,8 @@ def default_out_dir(args, parser, run_name, data):
 
 def lock_dir(path, what):
     """Hold an OS lock on path/.lock until this process exits (released on any exit, kill -9 included);
-    one line and exit 1 if another process holds it. Folders inside one this process holds are not locked again."""
+    one line and exit 1 if another process holds it. Folders inside one this process holds are not locked
+    again."""
     path = Path(path).resolve()
     if any(locked == path or locked in path.parents for locked in _locked_dirs):
         return
@@ -749,9 +765,10 @@ def read_run_file(out_dir):
     except (OSError, ValueError):  # a directory, unreadable, not UTF-8, not JSON
         valid = False
     if not valid:
-        raise SystemExit(f"error: {path} is damaged or from an older version of this code (it must be a JSON "
-                         f"object with 'script' and 'config'), so which run {out_dir} holds cannot be checked; "
-                         f"nothing was changed. Start afresh with --overwrite, or choose another --out-dir")
+        what = ("damaged or from an older version of this code (it must be a JSON object with 'script' and "
+                "'config')")
+        raise SystemExit(f"error: {path} is {what}, so which run {out_dir} holds cannot be checked; nothing "
+                         "was changed. Start afresh with --overwrite, or choose another --out-dir")
     return record
 
 
@@ -760,15 +777,17 @@ def check_resume(out_dir, script, config):
     phase's too) must record this script, these training flags and this data; each difference is named.
     Returns the folder's run.json record (None if it has none)."""
     record = read_run_file(out_dir)
-    refuse = "; nothing was changed. Resume with the run's flags, start afresh with --overwrite, or choose another --out-dir"
+    refuse = ("; nothing was changed. Resume with the run's flags, start afresh with --overwrite, or choose "
+              "another --out-dir")
     if record is not None:
         if record["script"] != script:
-            raise SystemExit(f"error: cannot resume {out_dir}: it holds a run of {record['script']}.py, not of "
-                             f"{script}.py; nothing was changed. Resume it with {record['script']}.py, or choose "
-                             f"another --out-dir")
+            raise SystemExit(f"error: cannot resume {out_dir}: it holds a run of {record['script']}.py, not "
+                             f"of {script}.py; nothing was changed. Resume it with {record['script']}.py, or "
+                             "choose another --out-dir")
         found = differences(flag_entries(record["config"]), flag_entries(config), "the run")
         if found:
-            raise SystemExit(f"error: cannot resume {out_dir} with other training flags: {'; '.join(found)}{refuse}")
+            raise SystemExit(f"error: cannot resume {out_dir} with other training flags: "
+                             f"{'; '.join(found)}{refuse}")
     checkpoints = sorted(out_dir.rglob("checkpoint.pt"))
     for path in checkpoints:  # read without loading the tensors (mmap)
         saved = identity_entries(load_checkpoint(path, mmap=True).get("identity", {}))
@@ -790,8 +809,8 @@ def clear_run_folder(out_dir):
         return
     if not any((out_dir / name).exists() for name in (RUN_FILE, *RUN_OUTPUTS)):
         raise SystemExit(f"error: --overwrite empties a run folder, but {out_dir} holds no run ({RUN_FILE}, "
-                         f"{', '.join(RUN_OUTPUTS)}), only {', '.join(p.name for p in entries[:4])}: nothing was "
-                         f"removed; choose another --out-dir")
+                         f"{', '.join(RUN_OUTPUTS)}), only {', '.join(p.name for p in entries[:4])}: nothing "
+                         "was removed; choose another --out-dir")
     names = ", ".join(p.name + "/" * p.is_dir() for p in entries[:8]) + (", ..." if len(entries) > 8 else "")
     files = 0
     try:
@@ -803,7 +822,8 @@ def clear_run_folder(out_dir):
                 files += 1
                 path.unlink()
     except OSError as error:
-        raise SystemExit(f"error: --overwrite cannot remove {error.filename or path} ({error.strerror or error})") from None
+        raise SystemExit(f"error: --overwrite cannot remove {error.filename or path} "
+                         f"({error.strerror or error})") from None
     log(f"--overwrite: removed the earlier run from {out_dir} ({files} files: {names})")
 
 
@@ -843,7 +863,8 @@ def log_start(title, recipe, steps_per_epoch, params, device, fast):
 
 
 class ProgressLine:
-    """Within an epoch, a line with loss, speed and ETA every `log_every` seconds (not after the last step)."""
+    """Within an epoch, a line with loss, speed and ETA every `log_every` seconds (not after the last
+    step)."""
 
     def __init__(self, epoch, recipe, steps_per_epoch, log_every, checkpoint_path):
         self.epoch, self.recipe, self.steps, self.log_every = epoch, recipe, steps_per_epoch, log_every
@@ -865,22 +886,26 @@ class ProgressLine:
 def log_epoch(row, epochs, history):
     """The line of an ended epoch: its metrics, lr, speed, time, and the ETA of the run."""
     eta = (epochs - row["epoch"]) * sum(h["seconds"] for h in history) / len(history)
-    shown = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "lr", "images_per_sec", "seconds"))
+    not_shown = ("epoch", "lr", "images_per_sec", "seconds")
+    shown = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in not_shown)
     log(f"epoch {row['epoch']}/{epochs} {shown} lr {row['lr']:.4g} {row['images_per_sec']:.0f} img/s "
         f"{row['seconds']:.1f}s ETA {format_seconds(eta)}")
 
 
 def format_seconds(s):
-    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+    if s >= 3600:
+        return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+    return f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
 def check_finite(loss_sum, epoch, checkpoint_path, recipe):
     if not torch.isfinite(loss_sum):
-        kept = f"the last good checkpoint {checkpoint_path} is intact" if checkpoint_path.exists() else "no checkpoint was written"
+        kept = (f"the last good checkpoint {checkpoint_path} is intact" if checkpoint_path.exists()
+                else "no checkpoint was written")
         raise FloatingPointError(
-            f"the training loss became NaN/inf in epoch {epoch + 1}; stopped ({kept}). Start afresh with a lower "
-            f"--lr (this run's is {recipe['lr']:g}) or lower loss weights, adding --overwrite (or another --out-dir): "
-            f"--resume continues only with the same flags, and would repeat it")
+            f"the training loss became NaN/inf in epoch {epoch + 1}; stopped ({kept}). Start afresh with a "
+            f"lower --lr (this run's is {recipe['lr']:g}) or lower loss weights, adding --overwrite (or "
+            "another --out-dir): --resume continues only with the same flags, and would repeat it")
 
 
 class Terminated(KeyboardInterrupt):
@@ -894,15 +919,15 @@ def raise_terminated(signum, frame):
 def where_the_run_stands():
     """For a stop message: the newest complete checkpoint of this run and the command that resumes it."""
     if last_checkpoint:
-        where = (f"the last complete checkpoint is {last_checkpoint['path']} (epoch {last_checkpoint['epoch']}"
-                 f"/{last_checkpoint['epochs']})")
+        where = (f"the last complete checkpoint is {last_checkpoint['path']} (epoch "
+                 f"{last_checkpoint['epoch']}/{last_checkpoint['epochs']})")
     else:
         where = "no checkpoint was saved yet"
     return f"{where}; to resume: {command_line([] if '--resume' in sys.argv else ['--resume'])}"
 
 
 def run_main(main):
-    """A NaN stop, Ctrl-C or SIGTERM ends in one clear line (exit code 1, 130 or 143) instead of a traceback."""
+    """A NaN stop, Ctrl-C or SIGTERM ends in one clear line (exit code 1, 130 or 143), not a traceback."""
     previous_handler = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         main()
@@ -972,10 +997,11 @@ def device_name(text):
     if device.type == "cuda":
         count = torch.cuda.device_count()
         if count == 0:
-            raise argparse.ArgumentTypeError(f"{text!r} is not available: no CUDA device is visible; use --device cpu")
+            raise argparse.ArgumentTypeError(f"{text!r} is not available: no CUDA device is visible; use "
+                                             "--device cpu")
         if device.index is not None and device.index >= count:
-            raise argparse.ArgumentTypeError(f"{text!r} is not available: {count} CUDA device(s) are visible, "
-                                             f"cuda:0 to cuda:{count - 1}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not available: {count} CUDA device(s) are "
+                                             f"visible, cuda:0 to cuda:{count - 1}")
     elif device.type == "mps":
         if not torch.backends.mps.is_available():
             raise argparse.ArgumentTypeError(f"{text!r} is not available on this machine; use --device cpu")
@@ -1006,12 +1032,15 @@ def add_common_args(parser):
                    + ", ".join(f"{name} {lr}" for name, lr in DEFAULT_LR.items()) + ")")
     g.add_argument("--optimizer", choices=["sgd", "adamw"], help=family_defaults("optimizer"))
     g.add_argument("--momentum", type=fraction, help=f"SGD momentum ({RECIPES['cnn']['momentum']})")
-    g.add_argument("--weight-decay", type=nonnegative_float, help=f"weight decay ({family_defaults('weight_decay')})")
+    g.add_argument("--weight-decay", type=nonnegative_float,
+                   help=f"weight decay ({family_defaults('weight_decay')})")
     g.add_argument("--schedule", choices=["step", "cosine"], help=family_defaults("schedule"))
     g.add_argument("--milestones", type=positive_int, nargs="+",
-                   help="step schedule epochs (default " + "/".join(f"{f * 100:g}" for f in MILESTONE_FRACTIONS)
+                   help="step schedule epochs (default "
+                        + "/".join(f"{f * 100:g}" for f in MILESTONE_FRACTIONS)
                         + "%% of --epochs: 150 180 210 of 240)")
-    g.add_argument("--lr-decay", type=positive_float, help=f"step schedule factor ({RECIPES['cnn']['lr_decay']})")
+    g.add_argument("--lr-decay", type=positive_float,
+                   help=f"step schedule factor ({RECIPES['cnn']['lr_decay']})")
     g.add_argument("--warmup-epochs", type=nonnegative_float,
                    help=f"linear lr warm-up (cnn {RECIPES['cnn']['warmup_epochs']}, token min(5, epochs/10))")
     g.add_argument("--label-smoothing", type=fraction,
@@ -1022,30 +1051,35 @@ def add_common_args(parser):
                    help="seed of initialisation and augmentation (default 0)")
     g.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda or cpu")
-    g.add_argument("--out-dir", type=path_flag, help="where metrics.jsonl, summary.json and checkpoints go (default under runs/)")
+    g.add_argument("--out-dir", type=path_flag,
+                   help="where metrics.jsonl, summary.json and checkpoints go (default under runs/)")
     start = g.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true",
-                       help="continue the run in --out-dir from its last complete epoch (refused if the script, a "
-                            "training flag or the data differs from the run's; starts afresh if it holds no run)")
+                       help="continue the run in --out-dir from its last complete epoch (refused if the "
+                            "script, a training flag or the data differs from the run's; starts afresh if it "
+                            "holds no run)")
     start.add_argument("--overwrite", action="store_true",
-                       help="start afresh in an --out-dir that holds a run: it is emptied first (without this "
-                            "flag, that is refused)")
+                       help="start afresh in an --out-dir that holds a run: it is emptied first (without "
+                            "this flag, that is refused)")
     g.add_argument("--eval-every", type=positive_int, default=1, metavar="N",
                    help="evaluate on the test set every N epochs and after the last (default 1); best-epoch "
                         "accuracy is then the best of the evaluated epochs, listed in summary.json")
     g.add_argument("--log-every", type=nonnegative_float, default=30,
                    help="seconds between progress lines within an epoch")
-    g.add_argument("--checkpoint-dir", type=path_flag, default="checkpoints", help="where teachers are looked for and saved")
-    g = parser.add_argument_group("speed (defaults depend on the device; the first log line of a run shows them)")
+    g.add_argument("--checkpoint-dir", type=path_flag, default="checkpoints",
+                   help="where teachers are looked for and saved")
+    g = parser.add_argument_group("speed (defaults depend on the device; the first log line of a run shows "
+                                  "them)")
     g.add_argument("--amp", choices=["bf16", "off"],
                    help="bf16 autocast of forward and loss (default: bf16 on CUDA, off on CPU)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC memory format for images and models (default: on, on CUDA and CPU)")
-    g.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead", "max-autotune"],
-                   metavar="MODE", help="torch.compile the forward and loss of the training step (its backward "
-                   "follows) in this mode: default (kernel fusion; the mode when MODE is left out), reduce-overhead "
-                   "(fusion + CUDA graphs, for launch-bound steps on CUDA), max-autotune. The first steps of each "
-                   "batch size are slow while it compiles")
+    g.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead",
+                   "max-autotune"], metavar="MODE",
+                   help="torch.compile the forward and loss of the training step (its backward follows) in "
+                        "this mode: default (kernel fusion; the mode when MODE is left out), reduce-overhead "
+                        "(fusion + CUDA graphs, for launch-bound steps on CUDA), max-autotune. The first "
+                        "steps of each batch size are slow while it compiles")
     g.add_argument("--deterministic", action="store_true",
                    help="reproducible CUDA runs: deterministic algorithms where torch has them (a warning "
                         "names the ops that have none), cuDNN benchmark and TF32 off. CPU runs are always "
@@ -1063,8 +1097,8 @@ def add_distill_args(parser):
                         "checkpoints/<teacher>_vanilla/ckpt_epoch_240.pth, else the teacher is trained first")
     g.add_argument("--teacher-epochs", type=positive_int, default=STANDARD_TEACHER_EPOCHS,
                    help="the teacher's epochs: a cached teacher must have them (<teacher>.pth for 240, "
-                        "<teacher>_<E>ep.pth for E others), a missing one is trained for them with the standard "
-                        "recipe (default %(default)s)")
+                        "<teacher>_<E>ep.pth for E others), a missing one is trained for them with the "
+                        "standard recipe (default %(default)s)")
 
 
 def run_options(args, teacher=None):
@@ -1079,7 +1113,7 @@ def setup(args, script, parser):
     or lfcc): every check that can fail happens here, before anything is trained (see claim_out_dir)."""
     device = torch.device(args.device)  # checked by device_name when parsed
     if args.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for reproducible matmuls
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # for reproducible cuBLAS matmuls
         torch.use_deterministic_algorithms(True, warn_only=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not args.deterministic
@@ -1091,7 +1125,7 @@ def setup(args, script, parser):
         args.out_dir = default_out_dir(args, parser, run_name, data)
     claim_out_dir(args, data, script)
     if getattr(args, "teacher", None) and not args.teacher_ckpt and \
-            not any(p.exists() for p in teacher_candidates(args, data)):  # a teacher will be trained and saved
+            not any(p.exists() for p in teacher_candidates(args, data)):  # a teacher will be trained
         ensure_writable(teacher_candidates(args, data)[0].parent, "--checkpoint-dir")
     log(f"data: {data.name}, {len(data.train_y)} train / {len(data.test_y)} test images, {data.num_classes} "
         f"classes, fingerprint {data.fingerprint}; output: {args.out_dir}")
@@ -1101,10 +1135,10 @@ def setup(args, script, parser):
 
 # -------------------------------------------------------------------------------------------- image folders
 
-# What torchvision's ImageFolder reads (.jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp), and the other names of
-# JPEG and the Netpbm and GIF files that Pillow reads. Any other file is counted, named, and not read.
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
-                    ".pgm", ".pbm", ".pnm"}
+# What torchvision's ImageFolder reads (.jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp), and the other
+# names of JPEG and the Netpbm and GIF files that Pillow reads. Any other file is counted, named, not read.
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
+                    ".ppm", ".pgm", ".pbm", ".pnm"}
 
 
 class UnsupportedImage(ValueError):
@@ -1118,12 +1152,13 @@ def read_image(path):
 
     with Image.open(path) as img:
         img.load()  # decodes the whole file: a truncated one fails here
-        if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):  # PNG has at most 16 bits
+        sixteen_bit = img.mode == "I" and img.format == "PNG"  # PNG has at most 16 bits per channel
+        if img.mode.startswith("I;16") or sixteen_bit:
             grey = np.round(np.asarray(img, dtype=np.float64) / 257).astype(np.uint8)
             img = Image.fromarray(grey, "L")
         elif img.mode in ("I", "F"):
-            raise UnsupportedImage(f"32-bit {'integer' if img.mode == 'I' else 'float'} pixels have no defined "
-                                   f"8-bit scale; save it with 8 or 16 bits per channel")
+            raise UnsupportedImage(f"32-bit {'integer' if img.mode == 'I' else 'float'} pixels have no "
+                                   "defined 8-bit scale; save it with 8 or 16 bits per channel")
         img = img.convert("RGB")
         if img.size != (32, 32):
             img = img.resize((32, 32), Image.BILINEAR)
@@ -1169,9 +1204,10 @@ def load_image_folder(root):
     named in one log line."""
     root = Path(root).expanduser()
     if not (root / "train").is_dir() or not (root / "test").is_dir():
-        raise SystemExit(f"error: {root}/ has no train/ and test/ folders of class sub-folders: put the images "
-                         f"in {root}/train/<class>/ and {root}/test/<class>/ (the README's 'Data' section writes "
-                         f"torchvision's CIFAR-10 that way), or pass --data-dir DIR where they are")
+        layout = f"{root}/train/<class>/ and {root}/test/<class>/"
+        raise SystemExit(f"error: {root}/ has no train/ and test/ folders of class sub-folders: put the "
+                         f"images in {layout} (the README's 'Data' section writes torchvision's CIFAR-10 "
+                         "that way), or pass --data-dir DIR where they are")
     entries = {split: sorted((root / split).iterdir()) for split in ("train", "test")}
     class_lists = {split: [p.name for p in found if p.is_dir() and not p.name.startswith(".")]
                    for split, found in entries.items()}
@@ -1180,9 +1216,11 @@ def load_image_folder(root):
         only_train = sorted(set(classes) - set(test_classes))
         only_test = sorted(set(test_classes) - set(classes))
         raise SystemExit(f"error: {root}/train/ and {root}/test/ have different classes: only in train/: "
-                         f"{', '.join(only_train) or 'none'}; only in test/: {', '.join(only_test) or 'none'}")
+                         f"{', '.join(only_train) or 'none'}; only in test/: "
+                         f"{', '.join(only_test) or 'none'}")
     hidden = [p for found in entries.values() for p in found if p.name.startswith(".")]
-    not_images = [p for found in entries.values() for p in found if not p.is_dir() and not p.name.startswith(".")]
+    not_images = [p for found in entries.values() for p in found
+                  if not p.is_dir() and not p.name.startswith(".")]
     splits, unreadable, total = {}, [], 0
     for split in ("train", "test"):
         images, labels = [], []
@@ -1202,20 +1240,23 @@ def load_image_folder(root):
         splits[split] = images, labels
     if unreadable:
         path, reason = unreadable[0]
-        raise SystemExit(f"error: cannot read {path} ({reason}); {len(unreadable)} of the {total} image files "
-                         f"under {root}/ cannot be read in all. Replace or delete them: a run does not skip images")
+        raise SystemExit(f"error: cannot read {path} ({reason}); {len(unreadable)} of the {total} image "
+                         f"files under {root}/ cannot be read in all. Replace or delete them: a run does not "
+                         "skip images")
     if not classes:
-        raise SystemExit(f"error: no class folders found under {root}/train/ (expected train/<class>/ folders)")
+        raise SystemExit(f"error: no class folders found under {root}/train/ (expected train/<class>/ "
+                         "folders)")
     empty = [f"{split}/{classes[c]}/" for split, (_, labels) in splits.items()
              for c in sorted(set(range(len(classes))) - set(labels))]
     if empty:
-        raise SystemExit(f"error: {root}/: no images in {', '.join(empty)}; every class needs training and test "
-                         f"images (a class without test images would not be measured)")
+        raise SystemExit(f"error: {root}/: no images in {', '.join(empty)}; every class needs training and "
+                         "test images (a class without test images would not be measured)")
     skipped = [f"{len(found)} {what} (e.g. {found[0].relative_to(root)})"
                for found, what in ((hidden, "hidden entries, names starting with '.', ignored"),
                                    (not_images, "files that are not images by their extension")) if found]
     if skipped:
-        log(f"{root}/: not read: {'; '.join(skipped)}; image extensions: {' '.join(sorted(IMAGE_EXTENSIONS))}")
+        log(f"{root}/: not read: {'; '.join(skipped)}; image extensions: "
+            f"{' '.join(sorted(IMAGE_EXTENSIONS))}")
     tensors = []
     for images, labels in splits.values():
         tensors += [torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)]
@@ -1228,7 +1269,8 @@ STANDARD_TEACHER_EPOCHS = 240
 
 def teacher_path(args, data, name, epochs=STANDARD_TEACHER_EPOCHS):
     """Where a teacher of this data is cached: checkpoints/<data>/<name>.pth for the standard 240 epochs,
-    <name>_<E>ep.pth for E others (see dataset_tag), so that a short smoke-run teacher is never taken for it."""
+    <name>_<E>ep.pth for E others (see dataset_tag), so that a short smoke-run teacher is never taken for
+    it."""
     suffix = "" if epochs == STANDARD_TEACHER_EPOCHS else f"_{epochs}ep"
     return Path(args.checkpoint_dir) / dataset_tag(args, data) / f"{name}{suffix}.pth"
 
@@ -1236,7 +1278,8 @@ def teacher_path(args, data, name, epochs=STANDARD_TEACHER_EPOCHS):
 def teacher_candidates(args, data):
     root = Path(args.checkpoint_dir)
     paths = [teacher_path(args, data, args.teacher, args.teacher_epochs)]
-    if args.dataset == "cifar100" and not args.train_subset and args.teacher_epochs == STANDARD_TEACHER_EPOCHS:
+    standard = args.teacher_epochs == STANDARD_TEACHER_EPOCHS
+    if args.dataset == "cifar100" and not args.train_subset and standard:
         paths += [root / f"{args.teacher}_vanilla" / "ckpt_epoch_240.pth",  # the public benchmark layout
                   root / "cifar_teachers" / f"{args.teacher}_vanilla" / "ckpt_epoch_240.pth"]
     return paths
@@ -1279,16 +1322,18 @@ def load_teacher(args, data):
     if trained_on and trained_on != data.fingerprint:
         if path == candidates[0]:  # our cache must hold this data's teacher
             raise SystemExit(f"error: {path} was trained on other data (fingerprint {trained_on}, this run's "
-                             f"data {data.fingerprint}); move it away, or pass the teacher with --teacher-ckpt")
+                             f"data {data.fingerprint}); move it away, or pass the teacher with "
+                             "--teacher-ckpt")
         log(f"warning: teacher {path} was trained on other data than this run's (fingerprint {trained_on}, "
             f"this data {data.fingerprint}; a subset of its data, for example)")
     if not args.teacher_ckpt and epochs is not None and epochs != args.teacher_epochs:
-        raise SystemExit(f"error: {path} holds a {epochs}-epoch teacher, not the {args.teacher_epochs}-epoch one "
-                         f"this run asks for (--teacher-epochs); move it away, pass --teacher-epochs {epochs}, or "
-                         f"pass it with --teacher-ckpt")
+        raise SystemExit(f"error: {path} holds a {epochs}-epoch teacher, not the {args.teacher_epochs}-epoch "
+                         "one this run asks for (--teacher-epochs); move it away, pass --teacher-epochs "
+                         f"{epochs}, or pass it with --teacher-ckpt")
     teacher.source = {"file": str(path), "epochs": epochs, "accuracy": checkpoint.get("accuracy"),
                       "data": trained_on}
-    data_note = "this run's data" if trained_on == data.fingerprint else f"data {trained_on or 'not recorded'}"
+    data_note = ("this run's data" if trained_on == data.fingerprint
+                 else f"data {trained_on or 'not recorded'}")
     log(f"teacher {args.teacher} from {path} (epochs: {epochs or 'not recorded'}, accuracy: "
         f"{checkpoint.get('accuracy')}, trained on {data_note})")
     if fast_paths(args, device).channels_last:
@@ -1314,14 +1359,15 @@ def main(argv=None):
     add_common_args(parser)
     parser.add_argument("--save-as-teacher", action="store_true",
                         help="when done, also save the model where the method scripts look for a teacher of "
-                             "this data: checkpoints/<data>/<model>.pth, or <model>_<E>ep.pth for --epochs E other "
-                             "than 240, found by --teacher-epochs E (see --checkpoint-dir)")
+                             "this data: checkpoints/<data>/<model>.pth, or <model>_<E>ep.pth for --epochs E "
+                             "other than 240, found by --teacher-epochs E (see --checkpoint-dir)")
     args = parser.parse_args(argv)
     device, data = setup(args, "common", parser)
     teacher_file = teacher_path(args, data, args.model, args.epochs)
     if args.save_as_teacher:
         if teacher_file.exists() and not args.overwrite:
-            raise SystemExit(f"error: {teacher_file} exists; move it away first, or add --overwrite to replace it")
+            raise SystemExit(f"error: {teacher_file} exists; move it away first, or add --overwrite to "
+                             "replace it")
         ensure_writable(teacher_file.parent, "--checkpoint-dir")
     model = build_model(args.model, data.num_classes, device)
     fit(model, data, args.out_dir, make_recipe(args, model_family(args.model), model_name=args.model),

@@ -23,30 +23,32 @@ images of the batch are negatives.
 Reconstruction [choice]. For every distilled stage k (--stages, default 1 2 3), F_s and F_t the stage
 outputs of student and teacher, tokens (B, N, D) viewed as maps (B, D, sqrt N, sqrt N):
 
-    F   <- W F  if C > R                                   ChannelReduction: learned 1x1 conv, R = --reduce-channels
-    v   = concat_{s in S} flatten(AvgPool_{s x s}(F))      low_pass; S = --scales = {1, 2, 4}: C*21 values
-    z_s = normalize(P_s^k v_s),  z_t = normalize(P_t^k v_t)  CompactSpace; P: Linear(21*C -> d), d = --proj-dim
+    F   <- W F  if C > R                                  ChannelReduction: a learned 1x1 conv,
+                                                          R = --reduce-channels
+    v   = concat_{s in S} flatten(AvgPool_{s x s}(F))     low_pass; S = --scales = {1, 2, 4}: C*21 values
+    z_s = normalize(P_s^k v_s), z_t = normalize(P_t^k v_t)  CompactSpace; P: Linear(21*C -> d), d = --proj-dim
     L_k = 1/2 [CE(z_s z_t^T / tau, I) + CE(z_t z_s^T / tau, I)]   info_nce: target = same sample, tau = --tau
     loss = CE(y_s, y) + alpha * T^2 KL(softmax(y_t/T) || softmax(y_s/T)) + beta * mean_k L_k
 
 In the code v_s, v_t are `student_vec`, `teacher_vec`; z_s, z_t are `z_student`, `z_teacher`; y_s, y_t are
-`student_logits`, `teacher_logits` (the KD term is `kd_loss(student_logits, teacher_logits, T)`); alpha, beta, T,
-tau are `args.alpha`, `args.beta`, `args.kd_temperature`, `args.tau`. Averaging a window keeps exactly its
+`student_logits`, `teacher_logits` (the KD term is `kd_loss(student_logits, teacher_logits, T)`); alpha, beta,
+T, tau are `args.alpha`, `args.beta`, `args.kd_temperature`, `args.tau`. Averaging a window keeps exactly its
 lowest-frequency (DC) component, so the s x s grid is the map's low-frequency part at scale s, and a 32x32 CNN
-map and an 8x8 token grid land on the same grids with no interpolation. The pyramid alone is a reparametrisation
-of its finest grid: the 1x1 and 2x2 levels are averages of the 4x4 one, so a Linear projector sees the same
-function class with S = {1, 2, 4} as with S = {4}; what the filter does is discard everything finer than the 4x4
-grid. The `--no-lowpass` ablation therefore keeps it: v = flatten(F) at full resolution (C*H*W values, a larger
-projector). `--per-scale` is the other reading of "a set of multi-scale low-pass filters" [choice]: every scale's
-grid v^s = flatten(AvgPool_{s x s}(F)) gets its own projector pair and InfoNCE, and L_k is their mean over S;
-unlike the concatenation this changes the objective (a separate contrast per scale, the coarse grids no longer
-mixed with the fine one). Both projectors train; only the teacher backbone is frozen. The channel reduction
-(default R = 256, so only the zoo's vgg, ShuffleNet and ResNet50 stages are reduced) keeps the projectors small
-for wide models: 21*C inputs per stage would give ResNet50 -> MobileNetV2 9.8 M projector parameters, 12 times
-the student; it commutes with the filter and restricts the projector to one shared R-dimensional channel subspace
-for all cells (see ChannelReduction). At initialisation L_k is about ln B, on the scale of the cross-entropy.
-Logged per epoch: every stage's loss `lfcc_s<k>` and positive-pair rank accuracy `rank_acc_s<k>` (% of samples
-whose nearest teacher embedding is their own; chance 100/B) on training batches, and the same on the test set
+map and an 8x8 token grid land on the same grids with no interpolation. The pyramid alone is a
+reparametrisation of its finest grid: the 1x1 and 2x2 levels are averages of the 4x4 one, so a Linear
+projector sees the same function class with S = {1, 2, 4} as with S = {4}; what the filter does is discard
+everything finer than the 4x4 grid. The `--no-lowpass` ablation therefore keeps it: v = flatten(F) at full
+resolution (C*H*W values, a larger projector). `--per-scale` is the other reading of "a set of multi-scale
+low-pass filters" [choice]: every scale's grid v^s = flatten(AvgPool_{s x s}(F)) gets its own projector pair
+and InfoNCE, and L_k is their mean over S (`align_per_scale`); unlike the concatenation this changes the
+objective (a separate contrast per scale, the coarse grids no longer mixed with the fine one). Both projectors
+train; only the teacher backbone is frozen. The channel reduction (default R = 256, so only the zoo's vgg,
+ShuffleNet and ResNet50 stages are reduced) keeps the projectors small for wide models: 21*C inputs per stage
+would give ResNet50 -> MobileNetV2 9.8 M projector parameters, 12 times the student; it commutes with the
+filter and restricts the projector to one shared R-dimensional channel subspace for all cells (see
+ChannelReduction). At initialisation L_k is about ln B, on the scale of the cross-entropy. Logged per epoch:
+every stage's loss `lfcc_s<k>` and positive-pair rank accuracy `rank_acc_s<k>` (% of samples whose nearest
+teacher embedding is their own; chance 100/B) on training batches, and the same on the test set
 (`test_lfcc_s<k>`, `test_rank_acc_s<k>`, batches of 500).
 
 Setting. The paper's numbers come from 224x224 ImageNet-architecture models (the OFA-KD benchmark: timm
@@ -69,7 +71,8 @@ import models
 # of different resolutions become comparable. A Gaussian-blur or DCT cut-off variant is one more function.
 
 def multiscale_low_pass(feature_map, scales):
-    """(B, C, H, W) -> (B, C * sum(s^2)): the map average-pooled to an s x s grid for every s, concatenated."""
+    """(B, C, H, W) -> (B, C * sum(s^2)): the map average-pooled to an s x s grid for every s,
+    concatenated."""
     return torch.cat([F.adaptive_avg_pool2d(feature_map, s).flatten(1) for s in scales], dim=1)
 
 
@@ -104,14 +107,14 @@ REDUCED_CHANNELS = 256  # --reduce-channels' default: above the widest CIFAR Res
 
 
 class ChannelReduction(nn.Module):
-    """--reduce-channels R [choice]: a learned 1x1 convolution from C to R channels (no bias), applied to a stage
-    output wider than R before the filter, so that a projector's input is 21*R values instead of 21*C.
+    """--reduce-channels R [choice]: a learned 1x1 convolution from C to R channels (no bias), applied to a
+    stage output wider than R before the filter, so that a projector's input is 21*R values instead of 21*C.
 
     A 1x1 convolution mixes channels at each position and average pooling mixes positions of each channel with
     the same weights for every channel, so the two commute: the reduced vector is the low-pass vector of the
     reduced map, and no frequency above the filter's gets through. The projector after it is a subset of
-    Linear(21*C -> d): every cell's channel weights lie in one shared R-dimensional subspace (the rows of W), a
-    real restriction of capacity when R < C. Runs in float32 like the projectors it belongs to."""
+    Linear(21*C -> d): every cell's channel weights lie in one shared R-dimensional subspace (the rows of W),
+    a real restriction of capacity when R < C. Runs in float32 like the projectors it belongs to."""
 
     def __init__(self, channels, reduced):
         super().__init__()
@@ -171,7 +174,8 @@ def filtered_sizes(model, stages, low_pass, reductions=None):
     shapes = models.feature_shapes(model)
     reductions = reductions or [nn.Identity() for _ in stages]
     with torch.no_grad():
-        maps = [reduction(models.to_map(torch.zeros(1, *shapes[k - 1]))) for k, reduction in zip(stages, reductions)]
+        maps = [reduction(models.to_map(torch.zeros(1, *shapes[k - 1])))
+                for k, reduction in zip(stages, reductions)]
     return [v.shape[1] for feature_map in maps for v in filter_parts(low_pass(feature_map))]
 
 
@@ -181,15 +185,15 @@ def check_frozen_teacher(teacher):
     trainable = sum(p.requires_grad for p in teacher.parameters())
     in_train_mode = sum(m.training for m in teacher.modules())
     if trainable or in_train_mode:
-        raise ValueError(f"the teacher must be frozen, but {trainable} of its parameter tensors require grad and "
-                         f"{in_train_mode} of its modules are in train mode; call teacher.eval() and "
+        raise ValueError(f"the teacher must be frozen, but {trainable} of its parameter tensors require grad "
+                         f"and {in_train_mode} of its modules are in train mode; call teacher.eval() and "
                          f"teacher.requires_grad_(False) first")
 
 
 def make_compact_space(student, teacher, stages, low_pass, dim, reduce_channels=REDUCED_CHANNELS):
     """The CompactSpace of a student/teacher pair, its projectors sized by the models' filtered stage outputs,
-    stage outputs wider than `reduce_channels` (0: none) reduced to it first; checks (once) that the teacher is
-    frozen and in eval mode."""
+    stage outputs wider than `reduce_channels` (0: none) reduced to it first; checks (once) that the teacher
+    is frozen and in eval mode."""
     check_frozen_teacher(teacher)
     student_reductions = channel_reductions(student, stages, reduce_channels)
     teacher_reductions = channel_reductions(teacher, stages, reduce_channels)
@@ -210,7 +214,8 @@ def rank_accuracy(similarity):
 def info_nce(z_student, z_teacher, tau):
     """Symmetric in-batch InfoNCE of (B, d) unit embeddings, and the positive-pair rank accuracy.
 
-    Row i of z_s z_t^T / tau must pick teacher sample i among the B teacher samples, column i student sample i.
+    Row i of z_s z_t^T / tau must pick teacher sample i among the B teacher samples, column i student
+    sample i.
     Autocast is switched off: in bf16, similarities up to 1/tau = 10 keep only about two decimal digits."""
     with torch.autocast(z_student.device.type, enabled=False):
         logits = z_student.float() @ z_teacher.float().t() / tau
@@ -315,12 +320,12 @@ def distill(args, data, teacher, student):
     space = make_compact_space(student, teacher, args.stages, low_pass, args.proj_dim,
                                args.reduce_channels).to(data.train_x.device)
     recipe = common.make_recipe(args, models.model_family(student.arch), model_name=student.arch)
-    common.log(f"lfcc: stages {args.stages}, "
-               f"{'no low-pass (full resolution)' if args.no_lowpass else f'low-pass scales {args.scales}'}"
-               f"{', one alignment per scale' if args.per_scale and not args.no_lowpass else ''}, "
-               f"{args.loss} in {args.proj_dim} dims, tau {args.tau}, alpha {args.alpha}, "
-               f"beta {args.beta}, T {args.kd_temperature}; {reduced_note(space, args.stages, args.reduce_channels)}"
-               f"projectors {common.count_params(space):,} params")
+    filtered = "no low-pass (full resolution)" if args.no_lowpass else f"low-pass scales {args.scales}"
+    per_scale = ", one alignment per scale" if args.per_scale and not args.no_lowpass else ""
+    weights = f"tau {args.tau}, alpha {args.alpha}, beta {args.beta}, T {args.kd_temperature}"
+    reduced = reduced_note(space, args.stages, args.reduce_channels)
+    common.log(f"lfcc: stages {args.stages}, {filtered}{per_scale}, {args.loss} in {args.proj_dim} dims, "
+               f"{weights}; {reduced}projectors {common.count_params(space):,} params")
     method_fields = {"method": "lfcc", "lfcc": {
         "teacher": teacher.arch, "student": student.arch, "stages": args.stages,
         "filter": "full_resolution" if args.no_lowpass else
@@ -341,26 +346,28 @@ def add_args(parser):
     parser.set_defaults(student="mlp_mixer")
     g = parser.add_argument_group("LFCC (the filter, space and weights are this project's reconstruction)")
     g.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3],
-                   help="stage outputs aligned, stage k of the student with stage k of the teacher (default 1 2 3)")
+                   help="stage outputs aligned, stage k of the student with stage k of the teacher "
+                        "(default 1 2 3)")
     g.add_argument("--scales", type=common.positive_int, nargs="+", default=[1, 2, 4],
-                   help="grid sizes s of the multi-scale low-pass filter: every map is average-pooled to s x s "
-                        "(default 1 2 4: C*21 values per stage)")
+                   help="grid sizes s of the multi-scale low-pass filter: every map is average-pooled to "
+                        "s x s (default 1 2 4: C*21 values per stage)")
     g.add_argument("--no-lowpass", action="store_true",
                    help="ablation: no low-pass filter; each stage output is flattened at its full resolution "
                         "(C*H*W values, every frequency) and projected by a Linear like the filtered vector")
     g.add_argument("--per-scale", action="store_true",
-                   help="one alignment per scale: a projector pair and an InfoNCE for every s of --scales, averaged "
-                        "into L_k (default: the scales' grids concatenated into one vector per stage)")
+                   help="one alignment per scale: a projector pair and an InfoNCE for every s of --scales, "
+                        "averaged into L_k (default: the scales' grids concatenated into one vector per "
+                        "stage)")
     g.add_argument("--reduce-channels", type=common.nonnegative_int, default=REDUCED_CHANNELS, metavar="R",
-                   help="a stage output wider than R channels first passes a learned 1x1 conv to R channels, so "
-                        "the projectors stay small for wide models (ResNet50, vgg, ShuffleNet); 0: never. Default "
-                        "256: the CIFAR ResNets, WRNs, ViT and Mixer are never reduced")
+                   help="a stage output wider than R channels first passes a learned 1x1 conv to R channels, "
+                        "so the projectors stay small for wide models (ResNet50, vgg, ShuffleNet); 0: never. "
+                        "Default 256: the CIFAR ResNets, WRNs, ViT and Mixer are never reduced")
     g.add_argument("--proj-dim", type=common.positive_int, default=128,
                    help="dimension d of the compact space (default 128)")
     g.add_argument("--tau", type=common.positive_float, default=0.1, help="InfoNCE temperature (default 0.1)")
     g.add_argument("--loss", choices=["infonce", "mse"], default="infonce",
-                   help="alignment in the compact space: symmetric in-batch InfoNCE (default), or the ablation "
-                        "mse: squared distance of the same unit vectors, no negatives")
+                   help="alignment in the compact space: symmetric in-batch InfoNCE (default), or the "
+                        "ablation mse: squared distance of the same unit vectors, no negatives")
     g.add_argument("--alpha", type=common.nonnegative_float, default=1.0,
                    help="weight of the logit KD term (default 1; 0: LFCC alone)")
     g.add_argument("--beta", type=common.nonnegative_float, default=1.0,

@@ -22,9 +22,9 @@ such weight because it never mixes the two:
 Phase A, backbone transfer, for k = 1..K (K = 3 stages, the stem is in stage 1; the code counts from 0),
 one `fit` per stage:
 
-    z   = S_{k-1}(... S_1(x))      the student's own stages before k: frozen, eval mode, no grad   (z)
-    t_k = T_k(... T_1(x))          the teacher's stage-k output: frozen, eval mode, no grad        (targets[k])
-    L_k = w * mean((A_k(S_k(z)) - t_k)^2)      w = --feat-weight, mean over all elements  (feature_distances)
+    z   = S_{k-1}(... S_1(x))     the student's own stages before k: frozen, eval mode, no grad  (z)
+    t_k = T_k(... T_1(x))         the teacher's stage-k output: frozen, eval mode, no grad       (targets[k])
+    L_k = w * mean((A_k(S_k(z)) - t_k)^2)    w = --feat-weight, mean over all elements  (feature_distances)
 
     S_k is trained alone **[summary]**; stages > k and the head are not used. The input is the student's
     own output, not the teacher's **[choice, implied by "progressive"]** (`--teacher-input` for the other).
@@ -105,8 +105,8 @@ def check_teacher_input(student, teacher):
     for k, (s, t) in enumerate(zip(student_shapes[:-1], teacher_shapes[:-1]), start=1):
         if tuple(s) != tuple(t):
             raise SystemExit(f"error: --teacher-input needs equal stage outputs, but after stage {k} the "
-                             f"teacher {teacher.arch} gives {tuple(t)} and the student {student.arch} {tuple(s)}; "
-                             f"drop --teacher-input for this pair")
+                             f"teacher {teacher.arch} gives {tuple(t)} and the student {student.arch} "
+                             f"{tuple(s)}; drop --teacher-input for this pair")
 
 
 # ------------------------------------------------------------------------------------------- the loss
@@ -191,7 +191,8 @@ def train_backbone(args, data, student, teacher, trained, epochs, out_dir):
     def eval_fn(x, y):  # the unweighted test feature MSE, student (adapted) vs teacher
         return dict(zip(names, feature_distances(student, teacher, adapters, x, trained, args.teacher_input)))
 
-    recipe = common.make_recipe(args, models.model_family(student.arch), epochs=epochs, model_name=student.arch)
+    recipe = common.make_recipe(args, models.model_family(student.arch), epochs=epochs,
+                                model_name=student.arch)
     name = "all stages jointly" if len(trained) > 1 else f"stage {trained[0] + 1}/{len(stages)}"
     adapted = [k + 1 for k in trained if not isinstance(adapters[k], nn.Identity)]
     common.log(f"SSKD phase A, {name}: {student.arch} <- {teacher.arch}, "
@@ -208,12 +209,13 @@ def reset_head(student):
 
 
 def train_head(args, data, student, epochs, out_dir, teacher=None):
-    """Phase B: the frozen backbone's features, a re-initialised head, cross-entropy on labels only (`teacher`,
-    not used, is the run's: recorded in the phase's checkpoint and summary)."""
+    """Phase B: the frozen backbone's features, a re-initialised head, cross-entropy on labels only
+    (`teacher`, not used, is the run's: recorded in the phase's checkpoint and summary)."""
     reset_head(student)
     train_modules = [student] if args.finetune_all else [student.head()]
     set_trainable(student, train_modules)
-    recipe = common.make_recipe(args, models.model_family(student.arch), epochs=epochs, model_name=student.arch)
+    recipe = common.make_recipe(args, models.model_family(student.arch), epochs=epochs,
+                                model_name=student.arch)
     loss_fn = make_head_loss_fn(student, args.finetune_all, recipe["label_smoothing"])
 
     common.log(f"SSKD phase B: {'the whole student' if args.finetune_all else 'the head'} of "
@@ -263,12 +265,14 @@ def distill(args, data, teacher, student):
     total_epochs = sum(s["epochs"] for s in summaries.values())
     summary = {"method": "sskd", "last_acc": head["last_acc"], "best_acc": head["best_acc"],
                "best_epoch": head["best_epoch"], "stage_feat_mse": stage_mse, "epochs": total_epochs,
-               "params": common.count_params(student), "seconds": sum(s["seconds"] for s in summaries.values()),
+               "params": common.count_params(student),
+               "seconds": sum(s["seconds"] for s in summaries.values()),
                "phases": {name: {k: s[k] for k in ("epochs", "seconds", "last_epoch", "recipe")}
                           for name, s in summaries.items()},
                "data": data.fingerprint, "teacher": common.teacher_record(teacher), "config": vars(args)}
     common.save_json(summary, out_dir / "summary.json")
-    common.save_atomic(common.model_file(student, total_epochs, head["last_acc"], data), out_dir / "model.pth")
+    final_model = common.model_file(student, total_epochs, head["last_acc"], data)
+    common.save_atomic(final_model, out_dir / "model.pth")
     shown = ", ".join(f"{k} {v:.4g}" for k, v in stage_mse.items())
     common.log(f"SSKD done: test feature MSE {shown}; head accuracy last {head['last_acc']}, best "
                f"{head['best_acc']} -> {out_dir}")
@@ -296,9 +300,9 @@ def add_args(parser):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Stage-by-stage knowledge distillation (SSKD): the student's "
-                                     "backbone copies the teacher's features one stage at a time, then its "
-                                     "head is trained on labels alone.")
+    parser = argparse.ArgumentParser(description="Stage-by-stage knowledge distillation (SSKD): the "
+                                     "student's backbone copies the teacher's features one stage at a time, "
+                                     "then its head is trained on labels alone.")
     common.add_common_args(parser)
     common.add_distill_args(parser)
     add_args(parser)
