@@ -23,8 +23,14 @@ wherever the installed torch has one for the device. On CUDA, TF32 is allowed fo
 convolutions, and cuDNN picks its algorithms by benchmark (`--deterministic` switches both to
 reproducible choices).
 
+Multi-GPU: `torchrun --nproc_per_node N SCRIPT.py ...` runs any script data-parallel. --batch-size is the
+global batch, split over the ranks (shard_bounds); the trained modules and the loss go into
+DistributedDataParallel (prepare_training), the frozen teacher does not; the loop's sums and the test
+metrics are added up over the ranks; rank 0 alone claims the run folder, logs and writes.
+
 Sections, in order: data; recipes (the RECIPES table); fast paths; the step and the loop; then, below the
-banner: run folders and checkpoints, logging, the command line and signals, image folders, teachers, `main`.
+banner: compiling the step, run folders and checkpoints, logging and signals, the command line, torchrun,
+image folders, teachers, `main`.
 """
 import argparse
 import contextlib
@@ -43,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from models import DEFAULT_LR, MODEL_NAMES, classifier, create_model, model_family, state_dict_classes
@@ -55,7 +62,8 @@ NORMALIZATION = {  # the benchmark's per-channel mean and std
 
 
 def log(message):
-    print(message, flush=True)
+    if rank() == 0:  # under torchrun, rank 0 speaks for all
+        print(message, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------- data
@@ -175,9 +183,11 @@ def load_data(args, device):
     return Data(train_x, train_y, test_x, test_y, num_classes, mean, std, args.dataset).to(device)
 
 
-def train_batches(data, batch_size, seed, epoch, channels_last=False):
+def train_batches(data, batch_size, seed, epoch, channels_last=False, shard=(0, 1)):
     """Shuffled, augmented, normalised batches: random crop after 4-pixel zero padding, horizontal flip.
-    The randomness of an epoch depends only on (seed, epoch)."""
+    The randomness of an epoch depends only on (seed, epoch). Under torchrun, `shard` is (rank, world size):
+    every rank draws the same epoch and takes its part of each global batch of `batch_size` (see
+    shard_bounds), so that the ranks' parts together are exactly the single-process epoch."""
     n = len(data.train_y)
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n, generator=g).to(data.train_x.device)
@@ -185,22 +195,39 @@ def train_batches(data, batch_size, seed, epoch, channels_last=False):
     flips = (torch.rand(n, generator=g) < 0.5).to(data.train_x.device)
     arange32 = torch.arange(32, device=data.train_x.device)
     for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size]
+        lo, hi = shard_bounds(start, min(start + batch_size, n), *shard)
+        idx = order[lo:hi]
         x = F.pad(data.train_x[idx], (4, 4, 4, 4))  # zero pixels, like the benchmark's padded PIL crop
-        rows = (offsets[start:start + batch_size, 0, None] + arange32)[:, None, :, None]
-        cols = (offsets[start:start + batch_size, 1, None] + arange32)[:, None, None, :]
+        rows = (offsets[lo:hi, 0, None] + arange32)[:, None, :, None]
+        cols = (offsets[lo:hi, 1, None] + arange32)[:, None, None, :]
         x = x[torch.arange(len(idx), device=x.device)[:, None, None, None],
               torch.arange(3, device=x.device)[None, :, None, None], rows, cols]
-        x = torch.where(flips[start:start + batch_size, None, None, None], x.flip(3), x)
+        x = torch.where(flips[lo:hi, None, None, None], x.flip(3), x)
         x = data.normalize(x)
         yield (x.contiguous(memory_format=torch.channels_last) if channels_last else x), data.train_y[idx]
 
 
-def test_batches(data, batch_size=500, channels_last=False):
-    for start in range(0, len(data.test_y), batch_size):
-        x = data.normalize(data.test_x[start:start + batch_size])
+def test_batches(data, batch_size=500, channels_last=False, shard=(0, 1)):
+    """The test set in order, in global batches of `batch_size`, each rank its part of each (see
+    shard_bounds). Under torchrun a last batch smaller than the world size joins the one before it, so that
+    no rank's part is empty (a single process is unaffected)."""
+    n, world = len(data.test_y), shard[1]
+    starts = list(range(0, n, batch_size))
+    if world > 1 and len(starts) > 1 and n - starts[-1] < world:
+        starts.pop()
+    for start, stop in zip(starts, starts[1:] + [n]):
+        lo, hi = shard_bounds(start, stop, *shard)
+        x = data.normalize(data.test_x[lo:hi])
         x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-        yield x, data.test_y[start:start + batch_size]
+        yield x, data.test_y[lo:hi]
+
+
+def shard_bounds(start, stop, rank, world):
+    """This rank's contiguous part [lo, hi) of the global batch [start, stop): the world's parts differ in
+    size by at most one and together are the batch ([start, stop) itself in a single process)."""
+    size, extra = divmod(stop - start, world)
+    lo = start + rank * size + min(rank, extra)
+    return lo, lo + size + (rank < extra)
 
 
 # -------------------------------------------------------------------------------------------------- recipes
@@ -280,57 +307,43 @@ def fast_paths(args, device):
     compile: None, or the torch.compile mode of the forward and loss (`--compile [MODE]`): "default" fuses
         kernels; "reduce-overhead" also replays each step as a CUDA graph, for steps bound by kernel launches.
     fused: the single-kernel SGD/AdamW update wherever torch has one for the device (not a flag; on CPU it
-        changes results only at float-rounding level and saves under 1 % of a step)."""
+        changes results only at float-rounding level and saves under 1 % of a step).
+    sync_bn: under torchrun, the trained modules' BatchNorm statistics computed over all ranks' images
+        (`--sync-bn`, CUDA only); off: each rank's BatchNorms see its own part of the batch."""
     cuda = device.type == "cuda"
     amp, channels_last = getattr(args, "amp", None), getattr(args, "channels_last", None)
     return argparse.Namespace(
         amp=(amp or ("bf16" if cuda else "off")) == "bf16",
         channels_last=True if channels_last is None else channels_last,
         compile=getattr(args, "compile", None),
-        fused=fused_optimizer_available(device))
+        fused=fused_optimizer_available(device),
+        sync_bn=bool(getattr(args, "sync_bn", False)))
 
 
 def describe(fast):
+    sync_bn = ", synchronised BatchNorm" if getattr(fast, "sync_bn", False) else ""
     return (f"amp {'bf16' if fast.amp else 'off'}, channels_last {'on' if fast.channels_last else 'off'}, "
-            f"compile {fast.compile or 'off'}, fused optimizer {'on' if fast.fused else 'off'}")
-
-
-def compile_forward(forward, mode, device):
-    """torch.compile of the step's forward(x, y, progress) (--compile MODE); backward follows the graph.
-
-    A Python float that changes from call to call is not safe to pass into torch.compile: after the second
-    value it becomes symbolic and expressions such as min(1.0, progress / r) were frozen at that value
-    (Block-KD's warm-up stuck at 0.6). So `progress` enters as a 0-dim device tensor, updated in place (no
-    host-to-device copy). dynamic=False: one graph per batch size. Every train step shares this code, and
-    dynamo keeps at most 8 graphs per code object (then runs eager, silently): SSKD's five fits with two
-    batch sizes each would pass that. So start afresh."""
-    torch.compiler.reset()
-    compiled = torch.compile(forward, dynamic=False, mode=mode)
-    progress_tensor = torch.zeros((), device=device)
-
-    def compiled_forward(x, y, progress):
-        torch.compiler.cudagraph_mark_step_begin()  # a new training step: earlier graph outputs are consumed
-        return compiled(x, y, progress_tensor.fill_(progress))
-    return compiled_forward
+            f"compile {fast.compile or 'off'}, fused optimizer {'on' if fast.fused else 'off'}{sync_bn}")
 
 
 # --------------------------------------------------------------------------- the training step and the loop
 
 def make_train_step(loss_fn, optimizer, params, recipe, fast, device):
-    """step(x, y, progress, lr) -> (loss, {name: term}), all detached: forward and loss under autocast
-    (compiled with fast.compile), backward, gradient clipping, optimizer step at learning rate `lr`."""
+    """step(x, y, progress, lr, loss_scale=1) -> (loss, {name: term}), all detached: forward and loss under
+    autocast (compiled with fast.compile), backward, gradient clipping, optimizer step at learning rate `lr`.
+    loss_scale weighs a rank's part of a batch by its size when the parts differ (see fit)."""
     def forward(x, y, progress):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast.amp):
             return loss_fn(x, y, progress)
     if fast.compile:
         forward = compile_forward(forward, fast.compile, device)
 
-    def step(x, y, progress, lr):
+    def step(x, y, progress, lr, loss_scale=1.0):
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss, terms = forward(x, y, progress)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * loss_scale if loss_scale != 1.0 else loss).backward()  # under torchrun: gradients averaged
         if recipe["grad_clip"]:
             nn.utils.clip_grad_norm_(params, recipe["grad_clip"])
         optimizer.step()
@@ -341,19 +354,26 @@ def make_train_step(loss_fn, optimizer, params, recipe, fast, device):
 def prepare_training(model, train_modules, loss_fn, recipe, fast, device):
     """What precedes the first step, in fit and in the throughput benchmark: model and train modules in the
     fast paths' memory format, the optimizer over the trainable parameters of `train_modules` (each once),
-    and the train step. Returns (optimizer, step)."""
+    and the train step. Under torchrun the train modules and the loss go into DistributedDataParallel
+    (TrainedModules); a frozen teacher, not among them, is never wrapped. Returns (optimizer, step)."""
     if fast.channels_last:
         for module in [model] + train_modules:
             module.to(memory_format=torch.channels_last)
     params = [p for m in train_modules for p in m.parameters() if p.requires_grad]
     params = list({id(p): p for p in params}.values())
     optimizer = make_optimizer(recipe, params, fast.fused)
+    if world_size() > 1:
+        loss_fn = distributed_loss(train_modules, loss_fn, device, fast.sync_bn)
     return optimizer, make_train_step(loss_fn, optimizer, params, recipe, fast, device)
 
 
-def build_model(name, num_classes, device):
-    """A fresh model on `device` (fit puts it in channels_last where the fast paths say so)."""
-    return create_model(name, num_classes).to(device)
+def build_model(name, num_classes, device, sync_bn=False):
+    """A fresh model on `device` (fit puts it in channels_last where the fast paths say so); with sync_bn,
+    under torchrun, its BatchNorms synchronised across ranks (for a model that trains, never a teacher)."""
+    model = create_model(name, num_classes).to(device)
+    if sync_bn and world_size() > 1:
+        synchronise_batchnorm(model)
+    return model
 
 
 def count_params(module):
@@ -403,6 +423,7 @@ def fit(model, data, out_dir, recipe, *, seed, loss_fn=None, train_modules=None,
     folder = RunFolder(out_dir, run_identity(model, data, recipe, seed, config, teacher, title))
     history = folder.start(model, train_modules, optimizer, resume, device)  # the epochs already trained
     steps_per_epoch = math.ceil(len(data.train_y) / recipe["batch_size"])
+    shard = (rank(), world_size())  # under torchrun each rank trains on its part of every global batch
     log_start(title or model.arch, recipe, steps_per_epoch, count_params(model), device, fast)
 
     for epoch in range(len(history), recipe["epochs"]):
@@ -411,20 +432,24 @@ def fit(model, data, out_dir, recipe, *, seed, loss_fn=None, train_modules=None,
             module.train()
         progress_line = ProgressLine(epoch, recipe, steps_per_epoch, log_every, folder.checkpoint)
         loss_sum, term_sums, seen = torch.zeros((), device=device), {}, 0
-        batches = train_batches(data, recipe["batch_size"], seed, epoch, fast.channels_last)
+        batches = train_batches(data, recipe["batch_size"], seed, epoch, fast.channels_last, shard)
         for step, (x, y) in enumerate(batches):
             progress = epoch + step / steps_per_epoch
             lr = learning_rate(recipe, progress)
-            loss, terms = train_step(x, y, progress, lr)
+            batch = min(recipe["batch_size"], len(data.train_y) - step * recipe["batch_size"])
+            loss, terms = train_step(x, y, progress, lr, loss_scale=len(y) * shard[1] / batch)
             loss_sum += loss.float() * len(y)  # the sums stay on the device: no host sync per step
             for name, value in terms.items():
                 term_sums[name] = term_sums.get(name, 0) + value.float() * len(y)
             seen += len(y)
             progress_line.maybe_log(step, loss_sum, seen)
+        images = torch.tensor(float(seen), device=device)
+        sums = sum_across_ranks({"train_loss": loss_sum, **term_sums, "images": images})  # over the epoch
+        seen, loss_sum = sums.pop("images").item(), sums.pop("train_loss")
         check_finite(loss_sum, epoch, folder.checkpoint, recipe)
         row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / seen, "lr": lr,
                "images_per_sec": seen / (time.time() - progress_line.start)}
-        row.update({name: value.item() / seen for name, value in term_sums.items()})
+        row.update({name: value.item() / seen for name, value in sums.items()})
         if (epoch + 1) % eval_every == 0 or epoch + 1 == recipe["epochs"]:
             row.update(evaluate(data, eval_fn, model, train_modules, fast))
         row["seconds"] = time.time() - progress_line.start
@@ -439,23 +464,48 @@ def fit(model, data, out_dir, recipe, *, seed, loss_fn=None, train_modules=None,
 
 @torch.no_grad()
 def evaluate(data, eval_fn, model, train_modules, fast):
+    """eval_fn's metrics averaged over exactly the test set: each rank its part of every batch, the sums and
+    the count added up over the ranks."""
     model.eval()
     for module in train_modules:
         module.eval()
     sums, n = {}, 0
     with torch.autocast(data.test_x.device.type, dtype=torch.bfloat16, enabled=fast.amp):
-        for x, y in test_batches(data, channels_last=fast.channels_last):
+        for x, y in test_batches(data, channels_last=fast.channels_last, shard=(rank(), world_size())):
             for name, value in eval_fn(x, y).items():
                 sums[name] = sums.get(name, 0) + value.float() * len(y)
             n += len(y)
-    return {name: value.item() / n for name, value in sums.items()}
+    totals = sum_across_ranks({**sums, "images": torch.tensor(float(n), device=data.test_x.device)})
+    n = totals.pop("images").item()
+    return {name: value.item() / n for name, value in totals.items()}
 
 
 # ==========================================================================================================
-# Below: the bookkeeping around the loop. A reader of the methods can stop here. Run folders (what
-# identifies a run, resume checks, locks, atomic writes), progress and stop lines (Ctrl-C, SIGTERM,
-# NaN), the command line and its validators, image folders, the teacher cache.
+# Below: the bookkeeping around the loop. A reader of the methods can stop here. Compiling the step, run
+# folders (what identifies a run, resume checks, locks, atomic writes), progress and stop lines (Ctrl-C,
+# SIGTERM, NaN), the command line and its validators, torchrun (ranks, DDP), image folders, the teachers.
 # ==========================================================================================================
+
+# --------------------------------------------------------------------------------- compiling the step
+
+def compile_forward(forward, mode, device):
+    """torch.compile of the step's forward(x, y, progress) (--compile MODE); backward follows the graph.
+
+    A Python float that changes from call to call is not safe to pass into torch.compile: after the second
+    value it becomes symbolic and expressions such as min(1.0, progress / r) were frozen at that value
+    (Block-KD's warm-up stuck at 0.6). So `progress` enters as a 0-dim device tensor, updated in place (no
+    host-to-device copy). dynamic=False: one graph per batch size. Every train step shares this code, and
+    dynamo keeps at most 8 graphs per code object (then runs eager, silently): SSKD's five fits with two
+    batch sizes each would pass that. So start afresh."""
+    torch.compiler.reset()
+    compiled = torch.compile(forward, dynamic=False, mode=mode)
+    progress_tensor = torch.zeros((), device=device)
+
+    def compiled_forward(x, y, progress):
+        torch.compiler.cudagraph_mark_step_begin()  # a new training step: earlier graph outputs are consumed
+        return compiled(x, y, progress_tensor.fill_(progress))
+    return compiled_forward
+
 
 # ------------------------------------------------------------------------------ run folders and checkpoints
 
@@ -466,8 +516,9 @@ class RunFolder:
 
     def __init__(self, out_dir, identity):
         self.out_dir, self.identity = Path(out_dir), identity
-        ensure_writable(self.out_dir, "the run folder")
-        lock_dir(self.out_dir, "the run folder")  # a teacher's run under checkpoints/ (a script's is locked)
+        if rank() == 0:  # the only writer under torchrun
+            ensure_writable(self.out_dir, "the run folder")
+            lock_dir(self.out_dir, "the run folder")  # a teacher's run in checkpoints/ (a script's is locked)
         self.checkpoint, self.metrics = self.out_dir / "checkpoint.pt", self.out_dir / "metrics.jsonl"
         self.started = time.time()
 
@@ -517,6 +568,7 @@ class RunFolder:
                    "mean_images_per_sec": sum(h["images_per_sec"] for h in history) / max(1, len(history)),
                    "evaluated_epochs": [h["epoch"] for h in evaluated], "last_epoch": last, "recipe": recipe,
                    "fast_paths": vars(fast), "data": data.fingerprint, "threads": torch.get_num_threads(),
+                   "world_size": world_size(), "backend": dist.get_backend() if world_size() > 1 else None,
                    **fields}
         save_json(summary, self.out_dir / "summary.json")
         took = format_seconds(time.time() - self.started)
@@ -546,7 +598,10 @@ def write_atomic(path, content):
     """Write `content` (bytes) to `path` through a temporary file and a rename, the one way a run writes
     its files: a run killed mid-write or a full disk never leaves a half-written file, the previous version
     stays intact until the new one is complete, and no temporary file is left. An OS error (no space left
-    on the device, permission denied) is one line naming the file, the cause and where the run stands."""
+    on the device, permission denied) is one line naming the file, the cause and where the run stands.
+    Under torchrun only rank 0 writes."""
+    if rank() != 0:
+        return
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -563,6 +618,8 @@ def write_atomic(path, content):
 
 def save_atomic(obj, path):
     """torch.save through write_atomic (serialised in memory first, so a full disk is an OSError)."""
+    if rank() != 0:
+        return
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     write_atomic(path, buffer.getbuffer())
@@ -849,8 +906,14 @@ def claim_out_dir(args, data, script):
 
 
 def command_line(extra=()):
-    """The command that started this process, shell-quoted, with `extra` arguments appended."""
-    return " ".join(shlex.quote(a) for a in ["python", *sys.argv, *extra])
+    """The command that started this process, shell-quoted, with `extra` arguments appended (under torchrun,
+    a torchrun command with the same number of processes per node)."""
+    launcher = ["python"]
+    if world_size() > 1:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+        nodes = world_size() // per_node
+        launcher = ["torchrun", f"--nproc_per_node={per_node}"] + ([f"--nnodes={nodes}"] if nodes > 1 else [])
+    return " ".join(shlex.quote(a) for a in [*launcher, *sys.argv, *extra])
 
 
 # ---------------------------------------------------------------------------------- progress and stop lines
@@ -858,8 +921,9 @@ def command_line(extra=()):
 def log_start(title, recipe, steps_per_epoch, params, device, fast):
     """The first line of a fit: what it trains, how, and the fast paths."""
     plan = f"{recipe['epochs']} epochs x {steps_per_epoch} steps, batch {recipe['batch_size']}"
-    log(f"{title}: {plan}, {recipe['optimizer']} lr {recipe['lr']}, {params:,} params, device {device}; "
-        f"{describe(fast)}")
+    ranks = f" x {world_size()} ranks ({dist.get_backend()})" if world_size() > 1 else ""
+    log(f"{title}: {plan}, {recipe['optimizer']} lr {recipe['lr']}, {params:,} params, "
+        f"device {device}{ranks}; {describe(fast)}")
 
 
 class ProgressLine:
@@ -927,10 +991,14 @@ def where_the_run_stands():
 
 
 def run_main(main):
-    """A NaN stop, Ctrl-C or SIGTERM ends in one clear line (exit code 1, 130 or 143), not a traceback."""
+    """A NaN stop, Ctrl-C or SIGTERM ends in one clear line (exit code 1, 130 or 143), not a traceback.
+    Under torchrun every rank stops with the same exit code and only rank 0 prints (the others' argparse and
+    warning output is dropped, not their tracebacks); the process group is left on every exit."""
     previous_handler = signal.signal(signal.SIGTERM, raise_terminated)
+    quiet = contextlib.redirect_stderr(io.StringIO()) if rank() != 0 else contextlib.nullcontext()
     try:
-        main()
+        with quiet:
+            main()
     except FloatingPointError as error:
         log(f"error: {error}")
         sys.exit(1)
@@ -938,8 +1006,14 @@ def run_main(main):
         terminated = isinstance(stop, Terminated)
         log(f"interrupted{' (SIGTERM)' if terminated else ''}: {where_the_run_stands()}")
         sys.exit(143 if terminated else 130)
+    except SystemExit as stop:
+        if rank() != 0 and isinstance(stop.code, str):
+            sys.exit(1)  # rank 0 prints the line
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------- command line
@@ -1080,6 +1154,9 @@ def add_common_args(parser):
                         "this mode: default (kernel fusion; the mode when MODE is left out), reduce-overhead "
                         "(fusion + CUDA graphs, for launch-bound steps on CUDA), max-autotune. The first "
                         "steps of each batch size are slow while it compiles")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on CUDA: BatchNorm statistics of the trained modules over all ranks' "
+                        "images (default: each rank's own part of the batch)")
     g.add_argument("--deterministic", action="store_true",
                    help="reproducible CUDA runs: deterministic algorithms where torch has them (a warning "
                         "names the ops that have none), cuDNN benchmark and TF32 off. CPU runs are always "
@@ -1110,8 +1187,12 @@ def run_options(args, teacher=None):
 
 def setup(args, script, parser):
     """Seed, device, data and the run folder, the same for every script (`script`: common, blockwise_kd, sskd
-    or lfcc): every check that can fail happens here, before anything is trained (see claim_out_dir)."""
+    or lfcc): every check that can fail happens here, before anything is trained (see claim_out_dir). Under
+    torchrun the process group comes first, and rank 0 alone claims the run folder for all."""
+    init_distributed(args)
     device = torch.device(args.device)  # checked by device_name when parsed
+    if args.sync_bn and device.type != "cuda":
+        raise SystemExit("error: --sync-bn needs CUDA (SyncBatchNorm has no CPU kernel); drop it on CPU")
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # for reproducible cuBLAS matmuls
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -1119,18 +1200,156 @@ def setup(args, script, parser):
         torch.backends.cudnn.benchmark = not args.deterministic
         torch.backends.cudnn.deterministic = args.deterministic
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.deterministic
-    data = load_data(args, device)
+    data = on_rank_0_first(load_data, args, device)  # a download happens once
     if args.out_dir is None:
         run_name = args.model if script == "common" else f"{script}_{args.teacher}_{args.student}"
         args.out_dir = default_out_dir(args, parser, run_name, data)
-    claim_out_dir(args, data, script)
-    if getattr(args, "teacher", None) and not args.teacher_ckpt and \
-            not any(p.exists() for p in teacher_candidates(args, data)):  # a teacher will be trained
-        ensure_writable(teacher_candidates(args, data)[0].parent, "--checkpoint-dir")
+    teacher_missing = getattr(args, "teacher", None) and not args.teacher_ckpt and \
+        not any(p.exists() for p in teacher_candidates(args, data))  # it will be trained
+    check_batch_split(args, data, script, teacher_missing)
+    on_rank_0(claim_out_dir, args, data, script)
+    if teacher_missing:
+        on_rank_0(ensure_writable, teacher_candidates(args, data)[0].parent, "--checkpoint-dir")
     log(f"data: {data.name}, {len(data.train_y)} train / {len(data.test_y)} test images, {data.num_classes} "
         f"classes, fingerprint {data.fingerprint}; output: {args.out_dir}")
     torch.manual_seed(args.seed)
     return device, data
+
+
+# ---------------------------------------------------------------------------------------- torchrun
+
+def world_size():
+    """The number of processes training together: torchrun's WORLD_SIZE once the process group is up,
+    else 1."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank():
+    """This process's place among them (0 alone; torchrun's RANK before the group is up): rank 0 logs and
+    writes every file."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def sum_across_ranks(values):
+    """{name: tensor} with every tensor summed over the ranks (one all_reduce; unchanged in a single
+    process)."""
+    if world_size() == 1:
+        return values
+    stacked = torch.stack([v.float() for v in values.values()])
+    dist.all_reduce(stacked)
+    return dict(zip(values, stacked))
+
+
+class TrainedModules(nn.Module):
+    """What DDP wraps under torchrun: the trained modules, with the method's loss as the forward, so that the
+    gradients of all of them are averaged over the ranks in the backward pass (OFA-KD's pattern: the whole
+    distiller in DDP, the frozen teacher held by the loss, outside it)."""
+
+    def __init__(self, modules, loss_fn):
+        super().__init__()
+        self.trained = nn.ModuleList(modules)
+        self.loss_fn = loss_fn
+
+    def forward(self, x, y, progress):
+        return self.loss_fn(x, y, progress)
+
+
+def distributed_loss(train_modules, loss_fn, device, sync_bn=False):
+    """loss_fn through DistributedDataParallel over the train modules (their BatchNorms synchronised across
+    ranks first with sync_bn). DDP starts every rank from rank 0's parameters and buffers."""
+    if sync_bn:
+        for module in train_modules:
+            synchronise_batchnorm(module)
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(TrainedModules(train_modules, loss_fn), device_ids=device_ids)
+
+
+def init_distributed(args):
+    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL with one GPU per rank (cuda:LOCAL_RANK,
+    for --device cuda) or gloo on CPU. --batch-size stays the global batch, split over the ranks."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if device.index is not None:
+            raise SystemExit(f"error: under torchrun use --device cuda, not {args.device}: rank r takes "
+                             f"cuda:LOCAL_RANK (set CUDA_VISIBLE_DEVICES to choose the GPUs)")
+        local_rank = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local_rank)
+        args.device = f"cuda:{local_rank}"
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+
+
+def on_rank_0(fn, *args):
+    """fn(*args) on rank 0 alone (the run-folder claim, the lock); its refusal, a SystemExit with a message,
+    reaches every rank, so that all stop with rank 0's line instead of waiting for it."""
+    if world_size() == 1:
+        return fn(*args)
+    outcome = [None]
+    if rank() == 0:
+        try:
+            fn(*args)
+        except SystemExit as stop:
+            outcome = [stop.code if stop.code is not None else 0]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise SystemExit(outcome[0])
+
+
+def on_rank_0_first(fn, *args):
+    """fn(*args) on rank 0, then on the other ranks (so that rank 0 alone downloads a dataset); if rank 0
+    fails, torchrun stops the ranks waiting for it."""
+    if world_size() == 1 or rank() == 0:
+        result = fn(*args)
+        if world_size() > 1:
+            dist.barrier()
+        return result
+    dist.barrier()
+    return fn(*args)
+
+
+def from_rank_0(value):
+    """Rank 0's value on every rank (a decision taken from the disk as rank 0 sees it)."""
+    if world_size() == 1:
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
+def check_batch_split(args, data, script, teacher_missing):
+    """Under torchrun every global batch is split over the ranks: the batch size must divide by the world
+    size, and the epoch's last, smaller batch must give every rank an image (one line otherwise)."""
+    world = world_size()
+    if world == 1:
+        return
+    student = args.model if script == "common" else args.student
+    batches = [("--batch-size", args.batch_size or RECIPES[model_family(student)]["batch_size"])]
+    if teacher_missing:
+        batches.append(("the teacher's batch", RECIPES[model_family(args.teacher)]["batch_size"]))
+    for what, batch in batches:
+        last = len(data.train_y) % batch
+        if batch % world:
+            raise SystemExit(f"error: {what} {batch} (the global batch) does not split evenly over the "
+                             f"{world} ranks; choose a multiple of {world}")
+        if 0 < last < world:
+            raise SystemExit(f"error: the last batch of an epoch holds {last} images "
+                             f"({len(data.train_y)} mod {batch}), fewer than the {world} ranks; change "
+                             f"--train-subset or {what}")
+
+
+def synchronise_batchnorm(module):
+    """--sync-bn: every BatchNorm inside `module` becomes a SyncBatchNorm in place (the same parameters and
+    statistics, the same state_dict keys), so that its statistics are over all ranks' images."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
+            module.add_module(name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+        else:
+            synchronise_batchnorm(child)
 
 
 # -------------------------------------------------------------------------------------------- image folders
@@ -1300,11 +1519,14 @@ def train_teacher(args, data, teacher, target):
         eval_every=args.eval_every, log_every=args.log_every, title=f"teacher {args.teacher}",
         config={"model": args.teacher, "epochs": args.teacher_epochs, "seed": args.seed,
                 "dataset": args.dataset, "train_subset": args.train_subset})
+    on_rank_0(move_file, run_dir / "model.pth", target)  # all ranks trained it; rank 0 wrote it
+
+
+def move_file(source, target):
     try:
-        os.replace(run_dir / "model.pth", target)
+        os.replace(source, target)
     except OSError as error:
-        raise SystemExit(f"error: cannot move the trained teacher {run_dir / 'model.pth'} to {target} "
-                         f"({error.strerror or error})") from None
+        raise SystemExit(f"error: cannot move {source} to {target} ({error.strerror or error})") from None
 
 
 def load_teacher(args, data):
@@ -1314,6 +1536,7 @@ def load_teacher(args, data):
     teacher = build_model(args.teacher, data.num_classes, device)
     candidates = teacher_candidates(args, data)
     path = Path(args.teacher_ckpt) if args.teacher_ckpt else next((p for p in candidates if p.exists()), None)
+    path = from_rank_0(path)  # under torchrun every rank takes rank 0's view of the disk
     if path is None:
         path = candidates[0]
         train_teacher(args, data, teacher, path)
@@ -1369,7 +1592,7 @@ def main(argv=None):
             raise SystemExit(f"error: {teacher_file} exists; move it away first, or add --overwrite to "
                              "replace it")
         ensure_writable(teacher_file.parent, "--checkpoint-dir")
-    model = build_model(args.model, data.num_classes, device)
+    model = build_model(args.model, data.num_classes, device, sync_bn=args.sync_bn)
     fit(model, data, args.out_dir, make_recipe(args, model_family(args.model), model_name=args.model),
         **run_options(args))
     if args.save_as_teacher:

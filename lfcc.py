@@ -49,7 +49,9 @@ filter and restricts the projector to one shared R-dimensional channel subspace 
 ChannelReduction). At initialisation L_k is about ln B, on the scale of the cross-entropy. Logged per epoch:
 every stage's loss `lfcc_s<k>` and positive-pair rank accuracy `rank_acc_s<k>` (% of samples whose nearest
 teacher embedding is their own; chance 100/B) on training batches, and the same on the test set
-(`test_lfcc_s<k>`, `test_rank_acc_s<k>`, batches of 500).
+(`test_lfcc_s<k>`, `test_rank_acc_s<k>`, batches of 500). Under torchrun the InfoNCE negatives are gathered
+over the ranks [choice: the default; `--local-negatives` for each rank's own], so that the contrast is over
+the global batch and training does not change with the number of GPUs (`info_nce`).
 
 Setting. The paper's numbers come from 224x224 ImageNet-architecture models (the OFA-KD benchmark: timm
 models, CIFAR images upsampled, teachers fine-tuned from ImageNet weights). This script trains CIFAR-sized
@@ -59,6 +61,7 @@ import argparse
 from functools import partial
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -211,12 +214,50 @@ def rank_accuracy(similarity):
     return 100.0 * (similarity.argmax(1) == target).float().mean()
 
 
-def info_nce(z_student, z_teacher, tau):
+class GatherAcrossRanks(torch.autograd.Function):
+    """Under torchrun: (B_r, d) embeddings of every rank r, concatenated in rank order, with gradient. The
+    backward sums, for this rank's rows, what every rank's loss sends them (one all_reduce), as the backward
+    of a single process holding the whole batch would. Ranks may hold different B_r (an epoch's last
+    batch)."""
+
+    @staticmethod
+    def forward(ctx, z):
+        world, rank = dist.get_world_size(), dist.get_rank()
+        sizes = [torch.zeros(1, dtype=torch.long, device=z.device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([len(z)], device=z.device))
+        sizes = [int(n) for n in sizes]
+        padded = z.new_zeros(max(sizes), *z.shape[1:])  # all_gather needs equal shapes
+        padded[:len(z)] = z
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        ctx.rows = (sum(sizes[:rank]), sum(sizes[:rank + 1]))
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rows[0]:ctx.rows[1]]
+
+
+def gather_across_ranks(z):
+    """The whole batch's embeddings on every rank (z itself in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return z
+    return GatherAcrossRanks.apply(z)
+
+
+def info_nce(z_student, z_teacher, tau, global_negatives=True):
     """Symmetric in-batch InfoNCE of (B, d) unit embeddings, and the positive-pair rank accuracy.
 
     Row i of z_s z_t^T / tau must pick teacher sample i among the B teacher samples, column i student
-    sample i.
+    sample i. Under torchrun, with global_negatives [choice, the default; --local-negatives], both sides are
+    gathered over the ranks first, so that B is the global batch and the loss, its gradient and the rank
+    accuracy are those of single-process training at any number of GPUs; without, each rank contrasts its
+    own part only (fewer negatives, a loss that changes with the GPU count).
     Autocast is switched off: in bf16, similarities up to 1/tau = 10 keep only about two decimal digits."""
+    if global_negatives:
+        z_student, z_teacher = gather_across_ranks(z_student), gather_across_ranks(z_teacher)
     with torch.autocast(z_student.device.type, enabled=False):
         logits = z_student.float() @ z_teacher.float().t() / tau
         target = torch.arange(len(logits), device=logits.device)
@@ -242,13 +283,15 @@ def kd_loss(logits, target_logits, temperature):
     return F.kl_div(log_q, p, reduction="batchmean") * temperature ** 2
 
 
-def stage_alignment(x, student, teacher, space, low_pass, *, stages=(1, 2, 3), tau=0.1, loss="infonce"):
+def stage_alignment(x, student, teacher, space, low_pass, *, stages=(1, 2, 3), tau=0.1, loss="infonce",
+                    global_negatives=True):
     """One forward pass of both models: logits of each, and per distilled stage (alignment loss, rank acc).
-    `stages` are 1-based and index space's projectors in order; `loss` is "infonce" or "mse"."""
+    `stages` are 1-based and index space's projectors in order; `loss` is "infonce" or "mse";
+    global_negatives: see info_nce."""
     with torch.no_grad():
         teacher_features, teacher_logits = models.stage_features(teacher, x)
     student_features, student_logits = models.stage_features(student, x)
-    align = info_nce if loss == "infonce" else mse_alignment
+    align = partial(info_nce, global_negatives=global_negatives) if loss == "infonce" else mse_alignment
     per_stage = []
     for index, k in enumerate(stages):
         # outside no_grad: a teacher-side channel reduction is trained (the teacher's map needs no gradient)
@@ -272,7 +315,8 @@ def align_per_scale(space, index, student_vecs, teacher_vecs, align, tau):
 
 def make_loss_fn(args, recipe, student, teacher, space, low_pass):
     """fit's loss_fn(x, y, progress): CE + alpha KD + beta mean_k L_k, with every term logged."""
-    alignment = dict(stages=args.stages, tau=args.tau, loss=args.loss)
+    alignment = dict(stages=args.stages, tau=args.tau, loss=args.loss,
+                     global_negatives=not args.local_negatives)
 
     def loss_fn(x, y, progress):
         student_logits, teacher_logits, per_stage = stage_alignment(x, student, teacher, space, low_pass,
@@ -289,7 +333,8 @@ def make_loss_fn(args, recipe, student, teacher, space, low_pass):
 
 def make_eval_fn(args, student, teacher, space, low_pass):
     """Test accuracy of the student, and each stage's alignment loss and rank accuracy on test batches."""
-    alignment = dict(stages=args.stages, tau=args.tau, loss=args.loss)
+    alignment = dict(stages=args.stages, tau=args.tau, loss=args.loss,
+                     global_negatives=not args.local_negatives)
 
     def eval_fn(x, y):
         student_logits, _, per_stage = stage_alignment(x, student, teacher, space, low_pass, **alignment)
@@ -332,6 +377,7 @@ def distill(args, data, teacher, student):
                   "low_pass_per_scale" if args.per_scale else "multiscale_low_pass", "scales": args.scales,
         "loss": args.loss, "proj_dim": args.proj_dim, "tau": args.tau, "alpha": args.alpha, "beta": args.beta,
         "kd_temperature": args.kd_temperature, "reduce_channels": args.reduce_channels,
+        "global_negatives": not args.local_negatives,
         "projector_params": common.count_params(space)}}
     return common.fit(student, data, args.out_dir, recipe,
                       loss_fn=make_loss_fn(args, recipe, student, teacher, space, low_pass),
@@ -368,6 +414,9 @@ def add_args(parser):
     g.add_argument("--loss", choices=["infonce", "mse"], default="infonce",
                    help="alignment in the compact space: symmetric in-batch InfoNCE (default), or the "
                         "ablation mse: squared distance of the same unit vectors, no negatives")
+    g.add_argument("--local-negatives", action="store_true",
+                   help="under torchrun: each rank's InfoNCE contrasts its own part of the batch only "
+                        "(default: the embeddings of all ranks are gathered, the global batch's negatives)")
     g.add_argument("--alpha", type=common.nonnegative_float, default=1.0,
                    help="weight of the logit KD term (default 1; 0: LFCC alone)")
     g.add_argument("--beta", type=common.nonnegative_float, default=1.0,
@@ -389,7 +438,7 @@ def main(argv=None):
     device, data = common.setup(args, "lfcc", parser)
     teacher = common.load_teacher(args, data)
     torch.manual_seed(args.seed)
-    student = common.build_model(args.student, data.num_classes, device)
+    student = common.build_model(args.student, data.num_classes, device, sync_bn=args.sync_bn)
     distill(args, data, teacher, student)
 
 

@@ -312,7 +312,7 @@ def main(argv=None):
     device, data = common.setup(args, "sskd", parser)
     teacher = common.load_teacher(args, data)
     torch.manual_seed(args.seed)
-    student = common.build_model(args.student, data.num_classes, device)
+    student = common.build_model(args.student, data.num_classes, device, sync_bn=args.sync_bn)
     distill(args, data, teacher, student)
 
 

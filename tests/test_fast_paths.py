@@ -163,9 +163,9 @@ def train(method, data, out_dir, *flags):
                     rec("alignment losses", *(loss for loss, _ in per_stage))
                 return student_logits, teacher_logits, per_stage
 
-            def info_nce(z_student, z_teacher, tau):
+            def info_nce(z_student, z_teacher, tau, **kw):
                 rec("compact-space embeddings", z_student, z_teacher)
-                loss, accuracy = real_info_nce(z_student, z_teacher, tau)
+                loss, accuracy = real_info_nce(z_student, z_teacher, tau, **kw)
                 rec("info_nce", loss)
                 return loss, accuracy
 

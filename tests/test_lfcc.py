@@ -177,8 +177,8 @@ def test_every_family_pair_runs(synthetic_data, teacher_name, student_name):
 def test_ablations_run(synthetic_data, flags, size, monkeypatch):
     calls = {"info_nce": [], "mse_alignment": []}
     for name in calls:
-        def recorded(z_student, z_teacher, tau, real=getattr(lfcc, name), name=name):
-            calls[name].append(real(z_student, z_teacher, tau))
+        def recorded(z_student, z_teacher, tau, real=getattr(lfcc, name), name=name, **kw):
+            calls[name].append(real(z_student, z_teacher, tau, **kw))
             return calls[name][-1]
         monkeypatch.setattr(lfcc, name, recorded)
     teacher, student = tiny_model("resnet8", seed=0), tiny_model("mlp_mixer", seed=1)
