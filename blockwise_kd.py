@@ -18,8 +18,9 @@ that a reader with the PDF can switch to the paper's value without editing code.
 Idea [paper]: feature alignment measured *through the teacher*. A student feature of stage i, mapped
 into the teacher's feature space by a small connector C_i, goes through the frozen teacher's remaining
 stages and head, and the resulting logits are distilled. With the teacher T = T_c . T_n ... T_1 and the
-student S = S_c . S_n ... S_1 (n = 3 stages, T_c / S_c the heads; [choice] the stem belongs to stage 1),
-the stepping-stone models that gradually replace the teacher's blocks by the student's are
+student S = S_c . S_n ... S_1 (n stages, 3 in the CIFAR zoo, the same for both; T_c / S_c the heads;
+[choice] the stem belongs to stage 1), the stepping-stone models that gradually replace the teacher's
+blocks by the student's are
 
     N_i = T_c . T_n ... T_{i+1} . C_i . S_i ... S_1,    i = 1..n      (`SteppingStones.forward(i, ...)`)
 
@@ -112,15 +113,17 @@ class SteppingStones(nn.Module):
 
     Only the connectors are submodules: the teacher's stages and head are kept in a plain tuple, so they
     are neither optimised, nor saved with the connectors, nor switched to train mode by `.train()`. The
-    teacher must be frozen and in eval mode when this is built (checked)."""
+    teacher must be frozen and in eval mode when this is built (checked). image_size: the input's side, at
+    which the stage shapes are probed."""
 
-    def __init__(self, teacher, student, stones, identity_connector=False):
+    def __init__(self, teacher, student, stones, identity_connector=False, image_size=32):
         super().__init__()
         check_frozen_teacher(teacher)
         self.stones = list(stones)
         self.teacher_parts = tuple(teacher.stages()) + (teacher.head(),)
         self.num_stages = len(self.teacher_parts) - 1
-        teacher_shapes, student_shapes = models.feature_shapes(teacher), models.feature_shapes(student)
+        teacher_shapes = models.feature_shapes(teacher, image_size)
+        student_shapes = models.feature_shapes(student, image_size)
         self.connectors = nn.ModuleDict()
         for i in self.stones:
             s, t = student_shapes[i - 1], teacher_shapes[i - 1]
@@ -256,7 +259,7 @@ def distill(args, data, teacher, student):
         raise SystemExit(f"error: {student.arch} and {teacher.arch} have different numbers of stages")
     stones = parse_stones(args.stones, num_stages)
     ramp_epochs = resolve_ramp_epochs(args, stones)
-    stepping_stones = SteppingStones(teacher, student, stones, args.identity_connector)
+    stepping_stones = SteppingStones(teacher, student, stones, args.identity_connector, data.image_size)
     stepping_stones.to(data.train_x.device)
     recipe = common.make_recipe(args, models.model_family(student.arch), model_name=student.arch)
     connector_params = common.count_params(stepping_stones)
@@ -278,19 +281,10 @@ def distill(args, data, teacher, student):
                       **common.run_options(args, teacher))
 
 
-def stones_flag(text):
-    """--stones, checked when parsed: every model of the zoo has three stages."""
-    try:
-        parse_stones(text, 3)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error).removeprefix("--stones ")) from None
-    return text
-
-
 def add_args(parser):
     """Block-KD's own flags; every [choice] of the method is one of them."""
     g = parser.add_argument_group("Block-KD")
-    g.add_argument("--stones", type=stones_flag, default="all", metavar="LIST",
+    g.add_argument("--stones", default="all", metavar="LIST",
                    help="stepping-stones N_i in the loss: all (default), none (plain KD), or a comma list "
                         "like 1,3")
     g.add_argument("--kd-temperature", "-T", type=common.positive_float, default=4.0, metavar="T",
@@ -324,6 +318,10 @@ def main(argv=None):
     common.add_distill_args(parser)
     add_args(parser)
     args = parser.parse_args(argv)
+    try:  # checked against the teacher's stage count before any data or model is loaded
+        parse_stones(args.stones, models.stage_count(args.teacher))
+    except ValueError as error:
+        parser.error("argument " + str(error).replace("--stones must", "--stones: must"))
     device, data = common.setup(args, "blockwise_kd", parser)
     teacher = common.load_teacher(args, data)
     torch.manual_seed(args.seed)

@@ -52,7 +52,8 @@ import torch.nn as nn
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from models import DEFAULT_LR, MODEL_NAMES, classifier, create_model, model_family, state_dict_classes
+from models import (DEFAULT_LR, MODEL_NAMES, classifier, create_model, default_image_size, fixed_image_size,
+                    model_family, state_dict_classes)
 
 
 NORMALIZATION = {  # the benchmark's per-channel mean and std
@@ -69,7 +70,8 @@ def log(message):
 # ----------------------------------------------------------------------------------------------------- data
 
 class Data:
-    """uint8 images (N, 3, 32, 32) and int64 labels for train and test, on one device."""
+    """uint8 images (N, 3, S, S), S = image_size (32 for the CIFAR zoo), and int64 labels for train and test,
+    on one device."""
 
     def __init__(self, train_x, train_y, test_x, test_y, num_classes, mean, std, name):
         self.train_x, self.train_y, self.test_x, self.test_y = train_x, train_y, test_x, test_y
@@ -82,6 +84,10 @@ class Data:
         for key in ("train_x", "train_y", "test_x", "test_y", "mean", "std"):
             setattr(self, key, getattr(self, key).to(device))
         return self
+
+    @property
+    def image_size(self):
+        return self.train_x.shape[-1]
 
     def normalize(self, x_uint8):
         return (x_uint8.float().div_(255) - self.mean) / self.std
@@ -119,9 +125,10 @@ def load_cifar(name, data_dir):
     return splits, len(ds.classes)
 
 
-def make_synthetic(num_classes=10, train_size=10000, test_size=2000, seed=1234):
+def make_synthetic(num_classes=10, train_size=10000, test_size=2000, seed=1234, image_size=32):
     """A learnable image task with no files: each class is a smooth random colour pattern; samples are
-    that pattern shifted by up to 4 pixels, rescaled in contrast and covered in strong noise."""
+    that pattern shifted by up to 4 pixels, rescaled in contrast and covered in strong noise, at 32x32
+    (then resized bilinearly to image_size, 1,000 images at a time)."""
     g = torch.Generator().manual_seed(seed)
     prototypes = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), size=32, mode="bicubic",
                                align_corners=False)
@@ -135,8 +142,18 @@ def make_synthetic(num_classes=10, train_size=10000, test_size=2000, seed=1234):
               rows[:, None, :, None], cols[:, None, None, :]]  # a circular shift of each image
         contrast = 0.5 + torch.rand(n, 1, 1, 1, generator=g)
         x = 0.5 + (x - 0.5) * contrast + 0.35 * torch.randn(x.shape, generator=g)
-        splits += [(x.clamp(0, 1) * 255).round().to(torch.uint8), labels]
+        images = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+        if image_size != 32:
+            images = torch.cat([resize_uint8(chunk, image_size) for chunk in images.split(1000)])
+        splits += [images, labels]
     return splits, num_classes
+
+
+def resize_uint8(images, size):
+    """(N, 3, H, W) uint8 images resized bilinearly to size x size, uint8."""
+    resized = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False,
+                            antialias=True)
+    return resized.round().clamp(0, 255).to(torch.uint8)
 
 
 def balanced_subset(labels, size, num_classes, seed):
@@ -153,15 +170,38 @@ def balanced_subset(labels, size, num_classes, seed):
     return torch.cat(picks).sort().values
 
 
+def image_size_of(args):
+    """The run's input side: --image-size, or else the models' own (32 for the CIFAR zoo); one line if the
+    models of a pair are built for different sizes."""
+    names = [name for name in (getattr(args, key, None) for key in ("model", "teacher", "student")) if name]
+    if getattr(args, "image_size", None):
+        for name in names:
+            if fixed_image_size(name) not in (None, args.image_size):
+                raise SystemExit(f"error: {name} takes {fixed_image_size(name)}x{fixed_image_size(name)} "
+                                 f"inputs only, not --image-size {args.image_size}")
+        return args.image_size
+    sizes = {name: default_image_size(name) for name in names}
+    if len(set(sizes.values())) > 1:
+        shown = ", ".join(f"{name} {size}" for name, size in sizes.items())
+        raise SystemExit(f"error: the models are built for different input sizes ({shown}); pass "
+                         f"--image-size")
+    return next(iter(sizes.values()), 32)
+
+
 def load_data(args, device):
+    """The dataset of --dataset at the run's image size (image_size_of), as a Data on `device`."""
+    size = image_size_of(args)
     if args.dataset in ("cifar100", "cifar10"):
+        if size != 32:
+            raise SystemExit(f"error: --dataset {args.dataset} is 32x32 and is not resized here; use "
+                             f"--image-size 32, or --dataset folder/synthetic at --image-size {size}")
         (train_x, train_y, test_x, test_y), num_classes = load_cifar(args.dataset, args.data_dir)
         mean, std = NORMALIZATION[args.dataset]
     else:
         if args.dataset == "folder":
-            (train_x, train_y, test_x, test_y), num_classes = load_image_folder(args.data_dir)
+            (train_x, train_y, test_x, test_y), num_classes = load_image_folder(args.data_dir, size)
         else:
-            (train_x, train_y, test_x, test_y), num_classes = make_synthetic()
+            (train_x, train_y, test_x, test_y), num_classes = make_synthetic(image_size=size)
     if args.train_subset:
         if args.train_subset > len(train_y):
             raise SystemExit(f"error: --train-subset {args.train_subset} is more than the {len(train_y)} "
@@ -188,18 +228,18 @@ def train_batches(data, batch_size, seed, epoch, channels_last=False, shard=(0, 
     The randomness of an epoch depends only on (seed, epoch). Under torchrun, `shard` is (rank, world size):
     every rank draws the same epoch and takes its part of each global batch of `batch_size` (see
     shard_bounds), so that the ranks' parts together are exactly the single-process epoch."""
-    n = len(data.train_y)
+    n, size = len(data.train_y), data.image_size
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n, generator=g).to(data.train_x.device)
     offsets = torch.randint(0, 9, (n, 2), generator=g).to(data.train_x.device)
     flips = (torch.rand(n, generator=g) < 0.5).to(data.train_x.device)
-    arange32 = torch.arange(32, device=data.train_x.device)
+    arange = torch.arange(size, device=data.train_x.device)
     for start in range(0, n, batch_size):
         lo, hi = shard_bounds(start, min(start + batch_size, n), *shard)
         idx = order[lo:hi]
         x = F.pad(data.train_x[idx], (4, 4, 4, 4))  # zero pixels, like the benchmark's padded PIL crop
-        rows = (offsets[lo:hi, 0, None] + arange32)[:, None, :, None]
-        cols = (offsets[lo:hi, 1, None] + arange32)[:, None, None, :]
+        rows = (offsets[lo:hi, 0, None] + arange)[:, None, :, None]
+        cols = (offsets[lo:hi, 1, None] + arange)[:, None, None, :]
         x = x[torch.arange(len(idx), device=x.device)[:, None, None, None],
               torch.arange(3, device=x.device)[None, :, None, None], rows, cols]
         x = torch.where(flips[lo:hi, None, None, None], x.flip(3), x)
@@ -696,7 +736,7 @@ RUN_ONLY_FLAGS = {"out_dir", "resume", "overwrite", "data_dir", "checkpoint_dir"
                   "save_as_teacher"}
 
 
-NAMED_FLAGS = {"model", "teacher", "student", "dataset", "train_subset", "seed"}  # already in the folder name
+NAMED_FLAGS = {"model", "teacher", "student", "dataset", "image_size", "train_subset", "seed"}  # in the name
 
 RUN_FILE = "run.json"
 
@@ -721,10 +761,13 @@ def flag_value(value):
 def dataset_tag(args, data):
     """Names the data of a run, in default run folders and teachers' places under checkpoints/: the dataset
     (cifar100, cifar10 and synthetic are fixed), for a folder its name and the first 8 digits of the content
-    fingerprint (two folders called images/ are told apart), and the subset."""
+    fingerprint (two folders called images/ are told apart), the image size where it is not 32 and the
+    subset."""
     tag = args.dataset
     if args.dataset == "folder":
         tag = f"folder-{Path(args.data_dir).expanduser().resolve().name}-{data.fingerprint[:8]}"
+    size = getattr(data, "image_size", 32)
+    tag += f"-{size}px" if size != 32 else ""
     return tag + (f"-subset{args.train_subset}" if args.train_subset else "")
 
 
@@ -1097,6 +1140,9 @@ def add_common_args(parser):
                    help="cifar100/cifar10 (torchvision files in --data-dir), folder (DIR/train/<class>/*, "
                         "DIR/test/<class>/*), or synthetic (generated, for smoke runs and tests)")
     g.add_argument("--data-dir", type=path_flag, default="data", help="where the dataset is (default: data)")
+    g.add_argument("--image-size", type=positive_int, metavar="S",
+                   help="input side in pixels (default: the models' own, 32 for the CIFAR zoo); synthetic "
+                        "and folder images are made or resized to S x S, CIFAR stays 32")
     g.add_argument("--train-subset", type=nonnegative_int, default=0, metavar="N",
                    help="train on a class-balanced subset of N images (fixed choice, same for every seed)")
     g = parser.add_argument_group("training recipe (unset: the student family's default)")
@@ -1364,9 +1410,10 @@ class UnsupportedImage(ValueError):
     """An image Pillow decodes but that has no defined 8-bit reading (32-bit integer or float pixels)."""
 
 
-def read_image(path):
-    """One image file as an RGB 32x32 uint8 array (H, W, 3). 16-bit greyscale is scaled to 8 bits (Pillow's
-    convert('RGB') clips it: a 46 % grey would become white); 32-bit integer or float pixels are refused."""
+def read_image(path, size=32):
+    """One image file as an RGB size x size uint8 array (H, W, 3). 16-bit greyscale is scaled to 8 bits
+    (Pillow's convert('RGB') clips it: a 46 % grey would become white); 32-bit integer or float pixels are
+    refused."""
     from PIL import Image  # torchvision depends on Pillow
 
     with Image.open(path) as img:
@@ -1379,8 +1426,8 @@ def read_image(path):
             raise UnsupportedImage(f"32-bit {'integer' if img.mode == 'I' else 'float'} pixels have no "
                                    "defined 8-bit scale; save it with 8 or 16 bits per channel")
         img = img.convert("RGB")
-        if img.size != (32, 32):
-            img = img.resize((32, 32), Image.BILINEAR)
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
         return np.asarray(img)
 
 
@@ -1413,8 +1460,8 @@ def files_under(folder):
     return files, hidden
 
 
-def load_image_folder(root):
-    """`root/train/<class>/**` and `root/test/<class>/**`, any size and mode, as RGB 32x32 uint8.
+def load_image_folder(root, size=32):
+    """`root/train/<class>/**` and `root/test/<class>/**`, any size and mode, as RGB size x size uint8.
 
     Both splits must have the same class folders, each with images, and every image file (at any depth under
     its class folder) must be readable: a run refuses rather than skips, so that a benchmark never trains or
@@ -1452,7 +1499,7 @@ def load_image_folder(root):
                     continue
                 total += 1
                 try:
-                    images.append(read_image(path))
+                    images.append(read_image(path, size))
                     labels.append(label)
                 except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, ... by format
                     unreadable.append((path, unreadable_reason(path, error)))

@@ -128,10 +128,11 @@ class ChannelReduction(nn.Module):
             return self.conv(feature_map.float())
 
 
-def channel_reductions(model, stages, reduce_to):
+def channel_reductions(model, stages, reduce_to, image_size=32):
     """One module per distilled stage: a ChannelReduction for an output wider than `reduce_to` channels, else
     nn.Identity (no parameters, no random numbers drawn). `reduce_to` 0: none is reduced."""
-    channels = [models.grid_shape(models.feature_shapes(model)[k - 1])[0] for k in stages]
+    shapes = models.feature_shapes(model, image_size)
+    channels = [models.grid_shape(shapes[k - 1])[0] for k in stages]
     return [ChannelReduction(c, reduce_to) if 0 < reduce_to < c else nn.Identity() for c in channels]
 
 
@@ -171,10 +172,10 @@ class CompactSpace(nn.Module):
         return z_student, z_teacher
 
 
-def filtered_sizes(model, stages, low_pass, reductions=None):
+def filtered_sizes(model, stages, low_pass, reductions=None, image_size=32):
     """Length of each filtered vector of each distilled stage (stage-major), from a dry run of the filter
-    (after each stage's channel reduction, if given)."""
-    shapes = models.feature_shapes(model)
+    (after each stage's channel reduction, if given) on the stage shapes at image_size."""
+    shapes = models.feature_shapes(model, image_size)
     reductions = reductions or [nn.Identity() for _ in stages]
     with torch.no_grad():
         maps = [reduction(models.to_map(torch.zeros(1, *shapes[k - 1])))
@@ -193,15 +194,16 @@ def check_frozen_teacher(teacher):
                          f"teacher.requires_grad_(False) first")
 
 
-def make_compact_space(student, teacher, stages, low_pass, dim, reduce_channels=REDUCED_CHANNELS):
-    """The CompactSpace of a student/teacher pair, its projectors sized by the models' filtered stage outputs,
-    stage outputs wider than `reduce_channels` (0: none) reduced to it first; checks (once) that the teacher
-    is frozen and in eval mode."""
+def make_compact_space(student, teacher, stages, low_pass, dim, reduce_channels=REDUCED_CHANNELS,
+                       image_size=32):
+    """The CompactSpace of a student/teacher pair, its projectors sized by the models' filtered stage outputs
+    (at image_size), stage outputs wider than `reduce_channels` (0: none) reduced to it first; checks (once)
+    that the teacher is frozen and in eval mode."""
     check_frozen_teacher(teacher)
-    student_reductions = channel_reductions(student, stages, reduce_channels)
-    teacher_reductions = channel_reductions(teacher, stages, reduce_channels)
-    student_sizes = filtered_sizes(student, stages, low_pass, student_reductions)
-    teacher_sizes = filtered_sizes(teacher, stages, low_pass, teacher_reductions)
+    student_reductions = channel_reductions(student, stages, reduce_channels, image_size)
+    teacher_reductions = channel_reductions(teacher, stages, reduce_channels, image_size)
+    student_sizes = filtered_sizes(student, stages, low_pass, student_reductions, image_size)
+    teacher_sizes = filtered_sizes(teacher, stages, low_pass, teacher_reductions, image_size)
     return CompactSpace(student_sizes, teacher_sizes, dim, student_reductions, teacher_reductions,
                         parts_per_stage=len(student_sizes) // len(stages))
 
@@ -362,8 +364,8 @@ def distill(args, data, teacher, student):
     The projectors train with the student (train_modules) and are kept in the resumable checkpoint only:
     model.pth holds the student alone."""
     low_pass = make_filter(args)
-    space = make_compact_space(student, teacher, args.stages, low_pass, args.proj_dim,
-                               args.reduce_channels).to(data.train_x.device)
+    space = make_compact_space(student, teacher, args.stages, low_pass, args.proj_dim, args.reduce_channels,
+                               data.image_size).to(data.train_x.device)
     recipe = common.make_recipe(args, models.model_family(student.arch), model_name=student.arch)
     filtered = "no low-pass (full resolution)" if args.no_lowpass else f"low-pass scales {args.scales}"
     per_scale = ", one alignment per scale" if args.per_scale and not args.no_lowpass else ""
@@ -391,9 +393,9 @@ def add_args(parser):
     """LFCC's own flags; also makes the MLP-Mixer the default student (call after add_distill_args)."""
     parser.set_defaults(student="mlp_mixer")
     g = parser.add_argument_group("LFCC (the filter, space and weights are this project's reconstruction)")
-    g.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3],
+    g.add_argument("--stages", type=common.positive_int, nargs="+", default=[1, 2, 3], metavar="K",
                    help="stage outputs aligned, stage k of the student with stage k of the teacher "
-                        "(default 1 2 3)")
+                        "(default: every stage, 1 2 3 for the CIFAR zoo)")
     g.add_argument("--scales", type=common.positive_int, nargs="+", default=[1, 2, 4],
                    help="grid sizes s of the multi-scale low-pass filter: every map is average-pooled to "
                         "s x s (default 1 2 4: C*21 values per stage)")
@@ -432,6 +434,12 @@ def main(argv=None):
     common.add_distill_args(parser)
     add_args(parser)
     args = parser.parse_args(argv)
+    num_stages = min(models.stage_count(args.teacher), models.stage_count(args.student))
+    parser.set_defaults(stages=list(range(1, num_stages + 1)))  # the default: every stage both models have
+    args = parser.parse_args(argv)
+    if max(args.stages) > num_stages:
+        parser.error(f"argument --stages: {args.teacher} and {args.student} have stages 1..{num_stages} in "
+                     f"common, not {max(args.stages)}")
     if args.per_scale and args.no_lowpass:
         parser.error("--per-scale aligns the scales of the low-pass filter one by one; --no-lowpass has none")
     args.stages = sorted(set(args.stages))

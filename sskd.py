@@ -19,8 +19,8 @@ are this file's decisions **[choice]**, each a flag.
 Idea **[paper]**: plain KD trains on task loss + KD loss with a hand-tuned weight between them. SSKD has no
 such weight because it never mixes the two:
 
-Phase A, backbone transfer, for k = 1..K (K = 3 stages, the stem is in stage 1; the code counts from 0),
-one `fit` per stage:
+Phase A, backbone transfer, for k = 1..K (K stages, 3 in the CIFAR zoo; the stem is in stage 1; the code
+counts from 0), one `fit` per stage:
 
     z   = S_{k-1}(... S_1(x))     the student's own stages before k: frozen, eval mode, no grad  (z)
     t_k = T_k(... T_1(x))         the teacher's stage-k output: frozen, eval mode, no grad       (targets[k])
@@ -99,9 +99,10 @@ def make_adapter(student_shape, teacher_shape):
     return Adapter(student_shape, teacher_shape)
 
 
-def check_teacher_input(student, teacher):
+def check_teacher_input(student, teacher, image_size=32):
     """--teacher-input feeds student stage k the teacher's feature k-1, so those shapes must agree."""
-    student_shapes, teacher_shapes = models.feature_shapes(student), models.feature_shapes(teacher)
+    student_shapes = models.feature_shapes(student, image_size)
+    teacher_shapes = models.feature_shapes(teacher, image_size)
     for k, (s, t) in enumerate(zip(student_shapes[:-1], teacher_shapes[:-1]), start=1):
         if tuple(s) != tuple(t):
             raise SystemExit(f"error: --teacher-input needs equal stage outputs, but after stage {k} the "
@@ -180,7 +181,8 @@ def train_backbone(args, data, student, teacher, trained, epochs, out_dir):
     Returns fit's summary; the adapters are local to this call and are dropped with it."""
     device = data.train_x.device
     stages = student.stages()
-    shapes = list(zip(models.feature_shapes(student), models.feature_shapes(teacher)))
+    size = data.image_size
+    shapes = list(zip(models.feature_shapes(student, size), models.feature_shapes(teacher, size)))
     adapters = {k: make_adapter(*shapes[k]).to(device) for k in trained}
     train_modules = [stages[k] for k in trained] + [adapters[k] for k in trained]
     set_trainable(student, train_modules)
@@ -240,7 +242,7 @@ def distill(args, data, teacher, student):
     if len(student.stages()) != len(teacher.stages()):
         raise SystemExit(f"error: {student.arch} and {teacher.arch} have different numbers of stages")
     if args.teacher_input:
-        check_teacher_input(student, teacher)
+        check_teacher_input(student, teacher, data.image_size)
     backbone_phases, head_epochs = phase_plan(args, len(student.stages()))
     plan = [(name, epochs) for name, _, epochs in backbone_phases] + [("head", head_epochs)]
     shown = ", ".join(f"{name}/ {epochs} epochs" for name, epochs in plan)
@@ -308,7 +310,8 @@ def main(argv=None):
     add_args(parser)
     args = parser.parse_args(argv)
     if args.teacher_input:  # fail before a missing teacher would be trained
-        check_teacher_input(models.create_model(args.student, 10), models.create_model(args.teacher, 10))
+        check_teacher_input(models.create_model(args.student, 10), models.create_model(args.teacher, 10),
+                            common.image_size_of(args))
     device, data = common.setup(args, "sskd", parser)
     teacher = common.load_teacher(args, data)
     torch.manual_seed(args.seed)

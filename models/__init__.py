@@ -93,6 +93,23 @@ def create_model(name, num_classes=100):
     return model
 
 
+def default_image_size(name):
+    """The input side a model is built for: 32 for the CIFAR zoo and the CIFAR token models."""
+    return 32
+
+
+def fixed_image_size(name):
+    """The only input side a model takes (its position embedding or token-mixing MLP is sized for one
+    patch grid), or None when it takes any: the CIFAR ViT and Mixer are fixed at 32."""
+    return 32 if name in TOKEN_MODELS else None
+
+
+def stage_count(name):
+    """How many stages `name` has (3 for the CIFAR zoo), from a model built on the meta device."""
+    with torch.device("meta"):
+        return len(create_model(name, 10).stages())
+
+
 def model_family(name):
     """'token' for ViT/MLP-Mixer (AdamW recipe), 'cnn' otherwise (SGD recipe)."""
     return "token" if name in TOKEN_MODELS else "cnn"

@@ -162,7 +162,7 @@ def test_available_devices_parse(monkeypatch):
 ])
 def test_train_subset_outside_the_data_stops_before_any_model(script, subset, wanted, monkeypatch):
     small = common.make_synthetic(train_size=100, test_size=20)
-    monkeypatch.setattr(common, "make_synthetic", lambda: small)
+    monkeypatch.setattr(common, "make_synthetic", lambda **size: small)
     for name in ("build_model", "load_teacher"):
         monkeypatch.setattr(common, name, lambda *a: pytest.fail("a model was built"))
     module, base = SCRIPTS[script]
