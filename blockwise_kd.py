@@ -75,7 +75,9 @@ class Connector(nn.Module):
 
     Either kind of input is read as a map (tokens as their sqrt(N) x sqrt(N) grid) and resized to the
     teacher's grid; into a map teacher: Conv1x1 (no bias) + BatchNorm, + ReLU when the teacher's stage
-    outputs are post-activation; into a token teacher: flattened to tokens, Linear + LayerNorm."""
+    outputs are post-activation; into a token teacher: flattened to tokens, Linear + LayerNorm, and where
+    the teacher's stage outputs begin with a class token (ViT, DeiT), a learned one in front [choice: zeros
+    at the start, trained with the connector]."""
 
     def __init__(self, student_shape, teacher_shape, teacher_kind, teacher_activation):
         super().__init__()
@@ -89,12 +91,18 @@ class Connector(nn.Module):
         else:
             layers = [nn.Linear(student_width, teacher_width), nn.LayerNorm(teacher_width)]
         self.project = nn.Sequential(*layers)
+        self.class_token = None
+        if models.has_class_token(teacher_shape):
+            self.class_token = nn.Parameter(torch.zeros(1, 1, teacher_width))
 
     def forward(self, feature):
         x = models.resize_map(models.to_map(feature), self.side)
         if self.teacher_kind == "tokens":
             x = models.to_tokens(x)
-        return self.project(x)
+        x = self.project(x)
+        if self.class_token is not None:
+            x = torch.cat([self.class_token.expand(len(x), -1, -1).to(x.dtype), x], dim=1)
+        return x
 
 
 def check_frozen_teacher(teacher):

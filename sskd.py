@@ -30,6 +30,7 @@ counts from 0), one `fit` per stage:
     own output, not the teacher's **[choice, implied by "progressive"]** (`--teacher-input` for the other).
     A_k (`adapters[k]`) is the identity when the shapes match (resnet32x4 -> resnet8x4 at every stage);
     otherwise Conv1x1 + BatchNorm, with a resize and a token<->map reshape where the feature forms differ
+    (into a class-token teacher, ViT or DeiT, the adapted feature is compared with its patch tokens)
     **[choice]**. It exists for the loss only: stage k+1 receives S_k's native output, and the adapter is
     dropped after its phase, so the saved student has exactly the zoo's state_dict keys. No labels.
 
@@ -131,8 +132,10 @@ def feature_distances(student, teacher, adapters, x, trained, teacher_input=Fals
         with torch.set_grad_enabled(torch.is_grad_enabled() and k >= first):
             z = stage(z)
         if k in trained:
-            # float32: fit trains in bf16 autocast on CUDA.
-            distances.append(F.mse_loss(adapters[k](z).float(), targets[k].float()))
+            adapted, target = adapters[k](z), targets[k]
+            if adapted.shape[1:] != target.shape[1:] and models.has_class_token(target.shape[1:]):
+                target = target[:, 1:]  # an adapted feature matches a class-token teacher's patches [choice]
+            distances.append(F.mse_loss(adapted.float(), target.float()))  # float32: fit may run in bf16
     return distances
 
 

@@ -50,6 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .imagenet import FIXED_224, IMAGENET_MODELS, TOKEN_IMAGENET_MODELS, imagenet_model
 from .mobilenetv2 import MobileNetV2
 from .resnet import RESNETS, CifarResNet
 from .resnet50 import BottleneckResNet
@@ -60,8 +61,9 @@ from .wrn import WRNS, WideResNet
 
 OTHER_CNNS = {"MobileNetV2": MobileNetV2, "ShuffleV1": ShuffleNetV1, "ShuffleV2": ShuffleNetV2,
               "ResNet50": BottleneckResNet}
-MODEL_NAMES = list(RESNETS) + list(WRNS) + list(VGGS) + list(OTHER_CNNS) + ["vit", "mlp_mixer"]
-TOKEN_MODELS = ("vit", "mlp_mixer")
+CIFAR_MODELS = list(RESNETS) + list(WRNS) + list(VGGS) + list(OTHER_CNNS) + ["vit", "mlp_mixer"]
+MODEL_NAMES = CIFAR_MODELS + list(IMAGENET_MODELS)  # the ImageNet models: models/imagenet.py
+TOKEN_MODELS = ("vit", "mlp_mixer") + TOKEN_IMAGENET_MODELS
 
 # The benchmark's peak lr for these students (the cnn recipe's is 0.05); same schedule otherwise.
 DEFAULT_LR = {"MobileNetV2": 0.01, "ShuffleV1": 0.01, "ShuffleV2": 0.01}
@@ -69,8 +71,9 @@ DEFAULT_LR = {"MobileNetV2": 0.01, "ShuffleV1": 0.01, "ShuffleV2": 0.01}
 # Indices into the benchmark code's `is_feat` list [f0 (stem), f1, ...] of the three stage outputs.
 FEATURE_POINTS = {**{name: (1, 2, 4) for name in VGGS}, "ResNet50": (2, 3, 4)}
 
-# state_dict key of the classifier's weight, by the zoo's names.
-CLASSIFIER_WEIGHTS = ("fc.weight", "classifier.weight", "classifier.0.weight", "linear.weight")
+# state_dict key of the classifier's weight, by the zoo's names, then torchvision's and timm's.
+CLASSIFIER_WEIGHTS = ("fc.weight", "classifier.weight", "classifier.0.weight", "linear.weight",
+                      "classifier.1.weight", "classifier.2.weight", "head.weight", "heads.head.weight")
 
 
 def create_model(name, num_classes=100):
@@ -87,6 +90,8 @@ def create_model(name, num_classes=100):
         model = vit(num_classes)
     elif name == "mlp_mixer":
         model = mlp_mixer(num_classes)
+    elif name in IMAGENET_MODELS:
+        model = imagenet_model(name, num_classes)
     else:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
     model.arch = name
@@ -94,14 +99,18 @@ def create_model(name, num_classes=100):
 
 
 def default_image_size(name):
-    """The input side a model is built for: 32 for the CIFAR zoo and the CIFAR token models."""
-    return 32
+    """The input side a model is built for: 32 for the CIFAR zoo and the CIFAR token models, 224 for the
+    ImageNet models."""
+    return 224 if name in IMAGENET_MODELS else 32
 
 
 def fixed_image_size(name):
     """The only input side a model takes (its position embedding or token-mixing MLP is sized for one
-    patch grid), or None when it takes any: the CIFAR ViT and Mixer are fixed at 32."""
-    return 32 if name in TOKEN_MODELS else None
+    patch grid), or None when it takes any: the CIFAR ViT and Mixer are fixed at 32, the ImageNet ViTs,
+    DeiTs and Mixer at 224."""
+    if name in ("vit", "mlp_mixer"):
+        return 32
+    return 224 if name in FIXED_224 else None
 
 
 def stage_count(name):
@@ -121,8 +130,9 @@ def classifier(model):
 
 
 def state_dict_classes(state_dict):
-    """The number of classes of a zoo state_dict (its classifier's rows), or None if it has no known classifier."""
-    key = next((k for k in CLASSIFIER_WEIGHTS if k in state_dict), None)
+    """The number of classes of a zoo state_dict (its classifier's rows), or None if it has no known
+    classifier."""
+    key = next((k for k in CLASSIFIER_WEIGHTS if k in state_dict and state_dict[k].dim() == 2), None)  # a Linear
     return None if key is None else state_dict[key].shape[0]
 
 
@@ -150,13 +160,22 @@ def feature_shapes(model, image_size=32):
 
 def grid_shape(shape):
     """A per-sample feature shape -> (channels, grid side): maps are (C, H, W) with H == W, tokens (N, D) with
-    N a square number (their sqrt(N) x sqrt(N) grid)."""
+    N a square number (their sqrt(N) x sqrt(N) grid), or a square number + 1: a class token first, which is
+    not on the grid (see has_class_token)."""
     if len(shape) == 3:
         assert shape[1] == shape[2], f"non-square feature map {tuple(shape)}"
         return shape[0], shape[1]
-    side = math.isqrt(shape[0])
-    assert side * side == shape[0], f"{shape[0]} tokens do not form a square grid"
+    side = math.isqrt(shape[0] - has_class_token(shape))
+    assert side * side == shape[0] - has_class_token(shape), f"{shape[0]} tokens do not form a square grid"
     return shape[1], side
+
+
+def has_class_token(shape):
+    """Whether tokens (N, D) hold a class token before a square grid of patches (N = s^2 + 1, ViT, DeiT)."""
+    if len(shape) != 2:
+        return False
+    tokens = shape[0]
+    return math.isqrt(tokens) ** 2 != tokens and math.isqrt(tokens - 1) ** 2 == tokens - 1
 
 
 def to_map(x):
@@ -164,6 +183,8 @@ def to_map(x):
     if x.dim() == 4:
         return x
     channels, side = grid_shape(x.shape[1:])
+    if has_class_token(x.shape[1:]):
+        x = x[:, 1:]  # the class token is not on the grid
     return x.transpose(1, 2).reshape(len(x), channels, side, side)
 
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from conftest import SHARED
-from models import (FEATURE_POINTS, MODEL_NAMES, classifier, create_model, feature_shapes, resize_map, stage_features,
+from models import (CIFAR_MODELS, FEATURE_POINTS, classifier, create_model, feature_shapes, resize_map, stage_features,
                     state_dict_classes, to_map, to_tokens)
 
 ZOO = SHARED / "reference" / "cifar_model_zoo.json"
-ZOO_NAMES = [n for n in MODEL_NAMES if n not in ("vit", "mlp_mixer")]
+ZOO_NAMES = [n for n in CIFAR_MODELS if n not in ("vit", "mlp_mixer")]
 
 
 def test_unknown_name_lists_valid_names():
@@ -32,7 +32,7 @@ def test_state_dict_matches_zoo_and_loads_strictly(name):
     assert feature_shapes(model) == [tuple(zoo["is_feat_shapes"][i]) for i in FEATURE_POINTS.get(name, (1, 2, 3))]
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", CIFAR_MODELS)
 def test_stages_then_head_equal_forward(name):
     torch.manual_seed(0)
     model = create_model(name, num_classes=10).eval()
