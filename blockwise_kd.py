@@ -45,10 +45,11 @@ Loss [paper], with Y^S = `student_logits`, Y^T = `teacher_logits`, Y^{N_i} = `st
   logits poor.
 - All chosen stepping-stones are active in every step [choice]; --stones picks a subset (then Y^ens is the
   mean over that subset and w_i keeps its i), `--stones none` leaves only the student terms and L_cross = 0.
-- Connectors C_i [choice]: resize to the teacher's grid (average pooling down, bilinear up; tokens are an
-  8x8 grid), then Conv1x1 + BatchNorm (+ ReLU where the teacher's stage outputs are post-activation) into
-  a map, or Linear + LayerNorm into tokens. A connector is used even where shapes match (it recalibrates
-  statistics); --identity-connector skips it there.
+- Connectors C_i [choice]: resize to the teacher's grid (average pooling down, bilinear up; tokens are a
+  square grid, a class token apart), then Conv1x1 + BatchNorm (+ ReLU where the teacher's stage outputs
+  are post-activation) into a map, or Linear + LayerNorm into tokens (plus a learned class token for a
+  teacher that has one). A connector is used even where shapes match (it recalibrates statistics);
+  --identity-connector skips it there.
 
 Which parameters learn: the student and the connectors. The teacher is frozen and stays in eval mode
 (hybrid features must not move its BatchNorm statistics), but gradients flow *through* its stages into

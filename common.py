@@ -52,8 +52,8 @@ import torch.nn as nn
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from models import (DEFAULT_LR, MODEL_NAMES, classifier, create_model, default_image_size, fixed_image_size,
-                    model_family, state_dict_classes)
+from models import (DEFAULT_LR, MODEL_NAMES, TORCHVISION_MODELS, classifier, create_model, default_image_size,
+                    fixed_image_size, model_family, state_dict_classes)
 
 
 NORMALIZATION = {  # the benchmark's per-channel mean and std
@@ -1218,6 +1218,11 @@ def add_distill_args(parser):
     g.add_argument("--teacher-ckpt", type=path_flag,
                    help="teacher checkpoint; default: checkpoints/<data>/<teacher>.pth or the public "
                         "checkpoints/<teacher>_vanilla/ckpt_epoch_240.pth, else the teacher is trained first")
+    g.add_argument("--teacher-weights", metavar="WEIGHTS",
+                   help="a torchvision teacher (tv_*) from torchvision's weights of that name, e.g. "
+                        "IMAGENET1K_V1: the weights themselves for ImageNet's 1000 classes; for other data, "
+                        "fine-tuned from them for --teacher-epochs with a new head and cached as "
+                        "<teacher>-<WEIGHTS>_<E>ep.pth (or by common.py --pretrained --save-as-teacher)")
     g.add_argument("--teacher-epochs", type=positive_int, default=STANDARD_TEACHER_EPOCHS,
                    help="the teacher's epochs: a cached teacher must have them (<teacher>.pth for 240, "
                         "<teacher>_<E>ep.pth for E others), a missing one is trained for them with the "
@@ -1533,18 +1538,20 @@ def load_image_folder(root, size=32):
 
 STANDARD_TEACHER_EPOCHS = 240
 
-def teacher_path(args, data, name, epochs=STANDARD_TEACHER_EPOCHS):
+def teacher_path(args, data, name, epochs=STANDARD_TEACHER_EPOCHS, weights=None):
     """Where a teacher of this data is cached: checkpoints/<data>/<name>.pth for the standard 240 epochs,
     <name>_<E>ep.pth for E others (see dataset_tag), so that a short smoke-run teacher is never taken for
-    it."""
+    it; <name>-<WEIGHTS>... for one fine-tuned from torchvision's WEIGHTS, never taken for one trained from
+    scratch."""
+    start = "" if weights is None else f"-{weights}"
     suffix = "" if epochs == STANDARD_TEACHER_EPOCHS else f"_{epochs}ep"
-    return Path(args.checkpoint_dir) / dataset_tag(args, data) / f"{name}{suffix}.pth"
+    return Path(args.checkpoint_dir) / dataset_tag(args, data) / f"{name}{start}{suffix}.pth"
 
 
 def teacher_candidates(args, data):
     root = Path(args.checkpoint_dir)
-    paths = [teacher_path(args, data, args.teacher, args.teacher_epochs)]
-    standard = args.teacher_epochs == STANDARD_TEACHER_EPOCHS
+    paths = [teacher_path(args, data, args.teacher, args.teacher_epochs, args.teacher_weights)]
+    standard = args.teacher_epochs == STANDARD_TEACHER_EPOCHS and not args.teacher_weights
     if args.dataset == "cifar100" and not args.train_subset and standard:
         paths += [root / f"{args.teacher}_vanilla" / "ckpt_epoch_240.pth",  # the public benchmark layout
                   root / "cifar_teachers" / f"{args.teacher}_vanilla" / "ckpt_epoch_240.pth"]
@@ -1552,20 +1559,27 @@ def teacher_candidates(args, data):
 
 
 def train_teacher(args, data, teacher, target):
-    """Train a missing teacher with its family's standard recipe for --teacher-epochs into `target`."""
+    """Train a missing teacher with its family's standard recipe for --teacher-epochs into `target`: from
+    scratch, or fine-tuned from torchvision's --teacher-weights with a new head."""
+    weights = args.teacher_weights
+    how = f"fine-tuning torchvision's {weights} weights" if weights else "training it"
     log(f"no {args.teacher} teacher checkpoint of {args.teacher_epochs} epochs for {dataset_tag(args, data)} "
-        f"(looked for {', '.join(map(str, teacher_candidates(args, data)))}); training it first with the "
+        f"(looked for {', '.join(map(str, teacher_candidates(args, data)))}); {how} first with the "
         f"standard {model_family(args.teacher)} recipe -> {target}")
     recipe = make_recipe(args, model_family(args.teacher), epochs=args.teacher_epochs, use_overrides=False,
                          model_name=args.teacher)
     torch.manual_seed(args.seed)
-    # A killed teacher run continues (resume=True); one of another length or seed has its own folder.
-    run_dir = target.parent / f"{args.teacher}_run_{args.teacher_epochs}ep_seed{args.seed}"
     device = data.train_x.device
+    if weights:  # the seeded new head comes first, as in common.py --pretrained
+        teacher.load_state_dict(start_from_weights(args.teacher, torchvision_weights(args.teacher, weights)[0],
+                                                   data.num_classes, device).state_dict())
+    # A killed teacher run continues (resume=True); one of another start, length or seed has its own folder.
+    start = f"-{weights}" if weights else ""
+    run_dir = target.parent / f"{args.teacher}{start}_run_{args.teacher_epochs}ep_seed{args.seed}"
+    config = {"model": args.teacher, "epochs": args.teacher_epochs, "seed": args.seed, "dataset": args.dataset,
+              "train_subset": args.train_subset, **({"pretrained": weights} if weights else {})}
     fit(teacher, data, run_dir, recipe, seed=args.seed, resume=True, fast=fast_paths(args, device),
-        eval_every=args.eval_every, log_every=args.log_every, title=f"teacher {args.teacher}",
-        config={"model": args.teacher, "epochs": args.teacher_epochs, "seed": args.seed,
-                "dataset": args.dataset, "train_subset": args.train_subset})
+        eval_every=args.eval_every, log_every=args.log_every, title=f"teacher {args.teacher}", config=config)
     on_rank_0(move_file, run_dir / "model.pth", target)  # all ranks trained it; rank 0 wrote it
 
 
@@ -1577,9 +1591,15 @@ def move_file(source, target):
 
 
 def load_teacher(args, data):
-    """The frozen teacher in eval mode: from --teacher-ckpt, else from checkpoints/, else trained first.
-    Its record (file, epochs, accuracy, data fingerprint, weights fingerprint) goes into summary.json."""
+    """The frozen teacher in eval mode: from --teacher-ckpt, else from checkpoints/, else trained first;
+    with --teacher-weights, torchvision's weights themselves for ImageNet's 1000 classes, fine-tuned from
+    them (and cached) for other data. Its record (file, epochs, accuracy, data fingerprint, weights
+    fingerprint) goes into summary.json."""
     device = data.train_x.device
+    if args.teacher_weights and args.teacher_ckpt:
+        raise SystemExit("error: --teacher-weights and --teacher-ckpt each give the teacher; pass one")
+    if args.teacher_weights and data.num_classes == 1000:
+        return frozen_teacher(torchvision_teacher(args, data), args, device)
     teacher = build_model(args.teacher, data.num_classes, device)
     candidates = teacher_candidates(args, data)
     path = Path(args.teacher_ckpt) if args.teacher_ckpt else next((p for p in candidates if p.exists()), None)
@@ -1606,12 +1626,67 @@ def load_teacher(args, data):
                  else f"data {trained_on or 'not recorded'}")
     log(f"teacher {args.teacher} from {path} (epochs: {epochs or 'not recorded'}, accuracy: "
         f"{checkpoint.get('accuracy')}, trained on {data_note})")
+    return frozen_teacher(teacher, args, device)
+
+
+def frozen_teacher(teacher, args, device):
+    """The teacher in the run's memory format, in eval mode, without trainable parameters."""
     if fast_paths(args, device).channels_last:
         teacher.to(memory_format=torch.channels_last)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
+
+
+def torchvision_teacher(args, data):
+    """--teacher-weights NAME on data of ImageNet's 1000 classes: torchvision's weights are the teacher."""
+    state, record = torchvision_weights(args.teacher, args.teacher_weights)
+    teacher = start_from_weights(args.teacher, state, 1000, data.train_x.device)
+    teacher.source = {"file": record["file"], "epochs": None, "accuracy": record["accuracy"], "data": None}
+    log(f"teacher {args.teacher}: torchvision's {args.teacher_weights} weights (ImageNet top-1 "
+        f"{record['accuracy']})")
+    return teacher
+
+
+def torchvision_weights(name, weights_name):
+    """torchvision's `weights_name` weights (IMAGENET1K_V1, ...) of the ImageNet model `name` (tv_*), through
+    its weights API: from the hub cache under TORCH_HOME, downloaded there when the network allows; one line
+    naming the file and where to put it otherwise. Returns (state_dict, {file, accuracy})."""
+    import torchvision
+
+    from models.imagenet import torchvision_classes
+
+    if name not in TORCHVISION_MODELS:
+        raise SystemExit(f"error: {name} has no torchvision weights; torchvision's models here: "
+                         f"{', '.join(TORCHVISION_MODELS)}")
+    source = torchvision_classes()[name][0]
+    choices = torchvision.models.get_model_weights(source)
+    if weights_name not in choices.__members__:
+        raise SystemExit(f"error: torchvision has no {weights_name} weights for {source}; it has "
+                         f"{', '.join(choices.__members__)}")
+    weights = choices[weights_name]
+    target = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    try:
+        state = weights.get_state_dict(progress=False)
+    except Exception as error:  # no network (URLError), a broken file, ...
+        raise SystemExit(f"error: cannot load torchvision's {source} {weights_name} weights "
+                         f"({type(error).__name__}); without a network, download {weights.url} elsewhere and "
+                         f"put it at {target}") from None
+    accuracy = weights.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1")
+    return state, {"file": str(target), "accuracy": accuracy}
+
+
+def start_from_weights(name, state, num_classes, device):
+    """Model `name` with torchvision's ImageNet weights (strictly), its 1000-class Linear replaced by a fresh
+    one for num_classes other than 1000 (the fine-tuning start of the OFA/LFCC CIFAR protocol)."""
+    from models.imagenet import replace_classifier
+
+    model = create_model(name, 1000)
+    model.load_state_dict(state, strict=True)
+    if num_classes != 1000:
+        replace_classifier(model, num_classes)
+    return model.to(device)
 
 
 def teacher_record(teacher):
@@ -1627,19 +1702,32 @@ def main(argv=None):
     parser.add_argument("--model", required=True, choices=MODEL_NAMES, metavar="NAME",
                         help="architecture: " + ", ".join(MODEL_NAMES))
     add_common_args(parser)
+    parser.add_argument("--pretrained", nargs="?", const="IMAGENET1K_V1", metavar="WEIGHTS",
+                        help="start a torchvision model (tv_*) from torchvision's weights of that name "
+                             "(IMAGENET1K_V1 when left out), with a new head for another class count; they "
+                             "are downloaded into TORCH_HOME when the network allows")
     parser.add_argument("--save-as-teacher", action="store_true",
                         help="when done, also save the model where the method scripts look for a teacher of "
                              "this data: checkpoints/<data>/<model>.pth, or <model>_<E>ep.pth for --epochs E "
-                             "other than 240, found by --teacher-epochs E (see --checkpoint-dir)")
+                             "other than 240, found by --teacher-epochs E (see --checkpoint-dir); with "
+                             "--pretrained W, <model>-<W>..., found by --teacher-weights W")
     args = parser.parse_args(argv)
     device, data = setup(args, "common", parser)
-    teacher_file = teacher_path(args, data, args.model, args.epochs)
+    teacher_file = teacher_path(args, data, args.model, args.epochs, args.pretrained)
     if args.save_as_teacher:
         if teacher_file.exists() and not args.overwrite:
             raise SystemExit(f"error: {teacher_file} exists; move it away first, or add --overwrite to "
                              "replace it")
         ensure_writable(teacher_file.parent, "--checkpoint-dir")
-    model = build_model(args.model, data.num_classes, device, sync_bn=args.sync_bn)
+    if args.pretrained:
+        state, record = torchvision_weights(args.model, args.pretrained)
+        model = start_from_weights(args.model, state, data.num_classes, device)
+        log(f"{args.model} starts from torchvision's {args.pretrained} weights (ImageNet top-1 "
+            f"{record['accuracy']}){', a new head' if data.num_classes != 1000 else ''}")
+        if args.sync_bn and world_size() > 1:
+            synchronise_batchnorm(model)
+    else:
+        model = build_model(args.model, data.num_classes, device, sync_bn=args.sync_bn)
     fit(model, data, args.out_dir, make_recipe(args, model_family(args.model), model_name=args.model),
         **run_options(args))
     if args.save_as_teacher:

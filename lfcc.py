@@ -54,8 +54,10 @@ over the ranks [choice: the default; `--local-negatives` for each rank's own], s
 the global batch and training does not change with the number of GPUs (`info_nce`).
 
 Setting. The paper's numbers come from 224x224 ImageNet-architecture models (the OFA-KD benchmark: timm
-models, CIFAR images upsampled, teachers fine-tuned from ImageNet weights). This script trains CIFAR-sized
-models from scratch at 32x32, so its accuracies are not comparable with the paper's tables.
+models, CIFAR images upsampled, teachers fine-tuned from ImageNet weights). Those architectures are here
+(models/imagenet.py: four stages, class tokens dropped from the grid) with --image-size and
+--teacher-weights; this project's CIFAR results are of CIFAR-sized models trained from scratch at 32x32,
+not comparable with the paper's tables.
 """
 import argparse
 from functools import partial

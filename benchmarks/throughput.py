@@ -80,13 +80,15 @@ def frozen_teacher(name, num_classes, device, channels_last):
     return teacher
 
 
-def build_method(method, teacher_name, student_name, num_classes, device, channels_last):
-    """(model, train_modules, loss_fn, recipe) for one method, built with the method script's functions."""
+def build_method(method, teacher_name, student_name, num_classes, device, channels_last, image_size=32):
+    """(model, train_modules, loss_fn, recipe, teacher) for one method, built with the method script's
+    functions, its shapes probed at image_size; Block-KD takes every stage, SSKD's stage phase is the last
+    stage's."""
     torch.manual_seed(0)
     if method == "teacher":
         model = create_model(teacher_name, num_classes).to(device)
         recipe = common.make_recipe(method_args(None, []), model_family(teacher_name), model_name=teacher_name)
-        return model, [model], common.classification_loss(model, recipe["label_smoothing"]), recipe
+        return model, [model], common.classification_loss(model, recipe["label_smoothing"]), recipe, None
 
     teacher = frozen_teacher(teacher_name, num_classes, device, channels_last)
     student = create_model(student_name, num_classes).to(device)
@@ -94,29 +96,32 @@ def build_method(method, teacher_name, student_name, num_classes, device, channe
     if method in ("kd", "blockkd"):
         argv = ["--stones", "none", "--gamma", "0", "--alpha", "0.1", "--beta", "0.9"] if method == "kd" else []
         args = method_args(blockwise_kd, argv)
-        stones = blockwise_kd.parse_stones(args.stones, 3)
-        stepping_stones = blockwise_kd.SteppingStones(teacher, student, stones).to(device)
+        stones = blockwise_kd.parse_stones(args.stones, len(teacher.stages()))
+        stepping_stones = blockwise_kd.SteppingStones(teacher, student, stones, image_size=image_size).to(device)
         loss_fn = blockwise_kd.make_loss_fn(student, teacher, stepping_stones, args,
                                             blockwise_kd.resolve_ramp_epochs(args, stones), recipe["label_smoothing"])
-        return student, [student, stepping_stones], loss_fn, recipe
+        return student, [student, stepping_stones], loss_fn, recipe, teacher
     if method == "sskd_stage":
         args = method_args(sskd, [])
-        last = 2
-        adapters = {last: sskd.make_adapter(feature_shapes(student)[last], feature_shapes(teacher)[last]).to(device)}
+        last = len(student.stages()) - 1
+        shapes = feature_shapes(student, image_size)[last], feature_shapes(teacher, image_size)[last]
+        adapters = {last: sskd.make_adapter(*shapes).to(device)}
         train_modules = [student.stages()[last], adapters[last]]
         sskd.set_trainable(student, train_modules)
         loss_fn = sskd.make_backbone_loss_fn(student, teacher, adapters, [last], args.feat_weight)
-        return student, train_modules, loss_fn, recipe
+        return student, train_modules, loss_fn, recipe, teacher
     if method == "sskd_head":
         head = student.head()
         sskd.set_trainable(student, [head])
-        return student, [head], sskd.make_head_loss_fn(student, False, recipe["label_smoothing"]), recipe
+        return student, [head], sskd.make_head_loss_fn(student, False, recipe["label_smoothing"]), recipe, teacher
     if method == "lfcc":
-        args = method_args(lfcc, [])
+        stages = list(range(1, min(len(student.stages()), len(teacher.stages())) + 1))
+        args = method_args(lfcc, ["--stages", *map(str, stages)])
         low_pass = lfcc.make_filter(args)
         space = lfcc.make_compact_space(student, teacher, args.stages, low_pass, args.proj_dim,
-                                        args.reduce_channels).to(device)
-        return student, [student, space], lfcc.make_loss_fn(args, recipe, student, teacher, space, low_pass), recipe
+                                        args.reduce_channels, image_size).to(device)
+        loss_fn = lfcc.make_loss_fn(args, recipe, student, teacher, space, low_pass)
+        return student, [student, space], loss_fn, recipe, teacher
     raise ValueError(method)
 
 
@@ -140,20 +145,22 @@ def measure(method, variant, args, device, images, labels):
         fast = argparse.Namespace(amp=False, channels_last=False, compile=None, fused=False)
     else:
         fast = parse_variant(variant, device)
-    model, train_modules, loss_fn, recipe = build_method(method, args.teacher, args.student, 100, device,
-                                                         fast.channels_last)
+    model, train_modules, loss_fn, recipe, _ = build_method(method, args.teacher, args.student, 100, device,
+                                                            fast.channels_last, args.image_size)
     batch_size = args.batch_size or recipe["batch_size"]
     mean, std = common.NORMALIZATION["cifar100"]
     if variant == "reference":
         import torchvision.transforms as T
-        transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+        transform = T.Compose([T.RandomCrop(args.image_size, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                               T.Normalize(mean, std)])
         loader = torch.utils.data.DataLoader(PILImages(images, labels, transform), batch_size, shuffle=True,
                                              num_workers=args.workers, pin_memory=device.type == "cuda",
                                              drop_last=True)
         batches = ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in loader)
     else:
         data = common.Data(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels),
-                           torch.zeros(0, 3, 32, 32, dtype=torch.uint8), torch.zeros(0, dtype=torch.long),
+                           torch.zeros(0, 3, args.image_size, args.image_size, dtype=torch.uint8),
+                           torch.zeros(0, dtype=torch.long),
                            100, mean, std, "random").to(device)
         batches = common.train_batches(data, batch_size, seed=0, epoch=0, channels_last=fast.channels_last)
     _, step = common.prepare_training(model, train_modules, loss_fn, recipe, fast, device)
@@ -218,6 +225,8 @@ def main():
     parser.add_argument("--variants", nargs="+", default=["reference", "ours"],
                         help="pipelines: reference, ours, ours+OPT[+OPT] with OPT in compile, graphs, cl, nocl, bf16, fp32")
     parser.add_argument("--batch-size", type=int, help="batch size (default: the student family's recipe)")
+    parser.add_argument("--image-size", type=int,
+                        help="input side (default: the models' own, 32 for the CIFAR zoo, 224 for ImageNet's)")
     parser.add_argument("--steps", type=int, default=40, help="timed steps per measurement (default 40)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference pipeline")
@@ -226,6 +235,7 @@ def main():
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after each measurement, profile this many more steps and print where the time goes")
     args = parser.parse_args()
+    args.image_size = args.image_size or common.image_size_of(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -234,7 +244,8 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     n = (args.steps + args.warmup + args.profile + 2) * max(args.batch_size or 0, 128)
     rng = np.random.default_rng(0)
-    images, labels = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 100, n)
+    images = rng.integers(0, 256, (n, args.image_size, args.image_size, 3), dtype=np.uint8)
+    labels = rng.integers(0, 100, n)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.teacher} -> {args.student}, {name}, torch {torch.__version__}, {args.steps} timed steps after "
           f"{args.warmup}", flush=True)

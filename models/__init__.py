@@ -1,5 +1,7 @@
 """Model zoo: the CIFAR-100 benchmark's CNNs (ResNets, wide ResNets, VGGs, MobileNetV2, ShuffleNetV1/V2,
-ResNet50), a ViT and an MLP-Mixer, all at 32x32 input.
+ResNet50), a ViT and an MLP-Mixer, all at 32x32 input and in three stages; and the ImageNet architectures
+of models/imagenet.py (torchvision's tv_*, the reference layouts timm_* and mdistiller_*), 224x224 by
+default and in four stages (that file documents their stages and token handling).
 
     from models import create_model, MODEL_NAMES
     model = create_model("resnet32x4", num_classes=100)
@@ -7,7 +9,8 @@ ResNet50), a ViT and an MLP-Mixer, all at 32x32 input.
 
 The uniform decomposition that the three methods use
 ----------------------------------------------------
-Every model is  model(x) == head(stage_n(... stage_2(stage_1(x))))  exactly, with n = 3:
+Every model is  model(x) == head(stage_n(... stage_2(stage_1(x))))  exactly, with n = 3 for the CIFAR
+zoo and n = 4 for the ImageNet architectures (`stage_count`):
 
     stages = model.stages()    # list of n modules; the stem (first conv / patch embedding) is in stage 1
     head = model.head()        # everything after the last stage: [final norm/activation], pooling, classifier
@@ -19,7 +22,8 @@ model's own (training stage k through `stages[k-1].parameters()` trains the mode
 
 Stage outputs are the features. Their form is given by two class attributes:
 - `feature_kind`: "map" for CNNs, (B, C, H, W); "tokens" for ViT/Mixer, (B, N, D) with N = 8x8 patches
-  and no class token. `to_map` and `to_tokens` convert between the two without loss.
+  and no class token (the ImageNet ViTs add one: `has_class_token`, see models/imagenet.py). `to_map`
+  and `to_tokens` convert between the two without loss.
 - `stage_output_activation`: "relu" where stage outputs are post-activation (CIFAR ResNets, VGGs,
   ShuffleV1/V2, ResNet50), None where they are not (WRN: pre-activation, the head starts with BN + ReLU;
   MobileNetV2: linear bottlenecks end with BN + the residual input; token models: the head starts with
@@ -50,7 +54,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .imagenet import FIXED_224, IMAGENET_MODELS, TOKEN_IMAGENET_MODELS, imagenet_model
+from .imagenet import FIXED_224, IMAGENET_MODELS, TOKEN_IMAGENET_MODELS, TORCHVISION_MODELS, imagenet_model
 from .mobilenetv2 import MobileNetV2
 from .resnet import RESNETS, CifarResNet
 from .resnet50 import BottleneckResNet

@@ -2,17 +2,20 @@
 their keys unchanged; DeiT-Tiny/Small, MLP-Mixer B/16 and the KD benchmarks' MobileNetV1 equal to their
 reference implementations (keys, shapes, outputs in float64, from ../shared/reference/imagenet_oracle.json);
 the methods reading class-token teachers."""
+import argparse
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 import blockwise_kd as bkd
+import common
 import lfcc
 import models
 import sskd
-from conftest import SHARED, frozen, make_args
+from conftest import SHARED, frozen, make_args, run
 from models.imagenet import REFERENCE_MODELS, TORCHVISION_MODELS, torchvision_classes
 
 ORACLE = SHARED / "reference" / "imagenet_oracle.json"
@@ -141,3 +144,76 @@ def test_lfcc_aligns_a_class_token_teacher_on_its_grid(deit_teacher_and_cnn_stud
     assert [p.in_features for p in space.teacher] == [192 * 21] * 4
     _, _, per_stage = lfcc.stage_alignment(x, student, teacher, space, low_pass, stages=args.stages)
     assert len(per_stage) == 4 and all(torch.isfinite(loss) for loss, _ in per_stage)
+
+
+# ---------------------------------------------------------------------------- torchvision's weights
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    """A TORCH_HOME of the test's own, with no network: a download raises URLError at once."""
+    import urllib.error
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    return tmp_path / "torch_home" / "hub" / "checkpoints"
+
+
+def test_missing_weights_without_a_network_are_one_line_naming_the_file_and_where(torch_home):
+    with pytest.raises(SystemExit) as stop:
+        common.torchvision_weights("tv_resnet18", "IMAGENET1K_V1")
+    url = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
+    assert stop.value.code == (f"error: cannot load torchvision's resnet18 IMAGENET1K_V1 weights (URLError); "
+                               f"without a network, download {url} elsewhere and put it at "
+                               f"{torch_home / 'resnet18-f37072fd.pth'}")
+    with pytest.raises(SystemExit, match="torchvision has no IMAGENET9K weights for resnet18; it has"):
+        common.torchvision_weights("tv_resnet18", "IMAGENET9K")
+    with pytest.raises(SystemExit, match="timm_deit_tiny_patch16_224 has no torchvision weights"):
+        common.torchvision_weights("timm_deit_tiny_patch16_224", "IMAGENET1K_V1")
+
+
+def test_weights_in_torch_home_load_strictly_and_get_a_new_head(torch_home, synthetic_data):
+    torch.manual_seed(3)
+    imagenet = models.create_model("tv_resnet18", 1000).state_dict()
+    torch_home.mkdir(parents=True)
+    torch.save(imagenet, torch_home / "resnet18-f37072fd.pth")  # as torchvision's download would have left it
+    state, record = common.torchvision_weights("tv_resnet18", "IMAGENET1K_V1")
+    assert record["accuracy"] == 69.758 and record["file"] == str(torch_home / "resnet18-f37072fd.pth")
+    model = common.start_from_weights("tv_resnet18", state, 10, torch.device("cpu"))
+    ours = model.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in imagenet.items() if not k.startswith("fc."))
+    assert ours["fc.weight"].shape == (10, 512)  # a new head for the data's classes
+    # As a teacher of ImageNet's 1000 classes: the weights themselves, frozen.
+    args = make_args("--teacher", "tv_resnet18", "--teacher-weights", "IMAGENET1K_V1",
+                     method_args=bkd.add_args)
+    imagenet_data = argparse.Namespace(num_classes=1000, train_x=torch.zeros(1, 3, 64, 64))
+    teacher = common.load_teacher(args, imagenet_data)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert common.teacher_record(teacher)["accuracy"] == 69.758
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in imagenet.items())
+
+
+def test_a_teacher_fine_tuned_from_torchvision_weights_is_that_of_common_py_and_cached_under_their_name(
+        torch_home, tmp_path, monkeypatch):
+    """--teacher-weights on data of other classes fine-tunes them (new head) for --teacher-epochs, exactly as
+    `common.py --pretrained --save-as-teacher` does, and caches the result as <teacher>-<WEIGHTS>_<E>ep.pth,
+    never taken for the teacher trained from scratch."""
+    torch_home.mkdir(parents=True)
+    torch.save(models.create_model("tv_resnet18", 1000).state_dict(), torch_home / "resnet18-f37072fd.pth")
+    monkeypatch.chdir(tmp_path)
+    data_flags = ["--dataset", "synthetic", "--train-subset", 100, "--image-size", 32]  # the teacher's batch
+    run(monkeypatch, common.main, "--model", "tv_resnet18", "--pretrained", *data_flags, "--epochs", 1,
+        "--out-dir", "alone", "--save-as-teacher")
+    [saved] = Path("checkpoints").glob("*/tv_resnet18-IMAGENET1K_V1_1ep.pth")
+    args = make_args("--teacher", "tv_resnet18", "--teacher-weights", "IMAGENET1K_V1", "--teacher-epochs", 1,
+                     *data_flags, "--checkpoint-dir", "own", method_args=bkd.add_args)
+    data = common.load_data(args, torch.device("cpu"))
+    teacher = common.load_teacher(args, data)  # none in own/: fine-tuned first
+    assert teacher.source["file"] == str(Path("own") / saved.parent.name / saved.name)
+    expected = torch.load(saved, weights_only=True)["model"]
+    assert all(torch.equal(v, expected[k]) for k, v in teacher.state_dict().items())
+    from_scratch = make_args("--teacher", "tv_resnet18", "--teacher-epochs", 1, *data_flags,
+                             method_args=bkd.add_args)
+    assert common.teacher_candidates(from_scratch, data)[0].name == "tv_resnet18_1ep.pth"
