@@ -228,7 +228,7 @@ def resolve_ramp_epochs(args, stones):
     the KD baseline is exactly Hinton KD from the first step)."""
     if args.ramp_epochs is not None:
         return args.ramp_epochs
-    return DEFAULT_RAMP_FRACTION * args.epochs if stones else 0.0
+    return DEFAULT_RAMP_FRACTION * common.run_epochs(args) if stones else 0.0
 
 
 def make_loss_fn(student, teacher, stepping_stones, args, ramp_epochs, label_smoothing):
@@ -269,7 +269,7 @@ def distill(args, data, teacher, student):
     stones = parse_stones(args.stones, num_stages)
     ramp_epochs = resolve_ramp_epochs(args, stones)
     stepping_stones = SteppingStones(teacher, student, stones, args.identity_connector, data.image_size)
-    stepping_stones.to(data.train_x.device)
+    stepping_stones.to(data.device)
     recipe = common.make_recipe(args, models.model_family(student.arch), model_name=student.arch)
     connector_params = common.count_params(stepping_stones)
     stone_weights = [stone_weight(i, num_stages) for i in stones]

@@ -6,13 +6,18 @@ Run alone it trains one model with the standard recipe (teachers and the plain-s
     python common.py --model resnet32x4                       # CIFAR-100, 240 epochs, SGD recipe
     python common.py --model resnet8 --dataset folder --data-dir ~/data/cifar10 --train-subset 5000 \\
         --epochs 20
+    python common.py --model tv_swin_t --pretrained --dataset cifar100 --image-size 224 --epochs 30 \\
+        --save-as-teacher                                   # an ImageNet teacher fine-tuned (OFA-KD's protocol)
 
 Where to look: the training step is `make_train_step` (forward and loss, backward, clipping, optimizer
 step), the loop is `fit`, right below it; a method calls `fit` with its loss_fn, train_modules and eval_fn.
 
 Data: the whole dataset is a uint8 tensor on the training device; crop (4-pixel zero padding), flip and
 normalisation run batched there, driven by a generator seeded with (seed, epoch), so an epoch's batches
-are the same whether a run was resumed or not. Training: evaluation every epoch (or every `--eval-every`);
+are the same whether a run was resumed or not. Images kept smaller than the models' input (CIFAR at 224)
+get a RandomResizedCrop per sample there (resized_crop_boxes, resized_crops). ImageNet, and folders too
+large for the device, are streamed (StreamedData): worker processes decode and crop each epoch's plan,
+drawn from (seed, epoch) in the main process, so the batches do not depend on the number of workers. Training: evaluation every epoch (or every `--eval-every`);
 `metrics.jsonl`, `summary.json`, a resumable `checkpoint.pt` written atomically every epoch, and the final
 model in the benchmark format `{'model': state_dict, 'epoch', 'accuracy'}` as `model.pth`.
 
@@ -30,7 +35,7 @@ metrics are added up over the ranks; rank 0 alone claims the run folder, logs an
 
 Sections, in order: data; recipes (the RECIPES table); fast paths; the step and the loop; then, below the
 banner: compiling the step, run folders and checkpoints, logging and signals, the command line, torchrun,
-image folders, teachers, `main`.
+image folders, streamed image folders, teachers, `main`.
 """
 import argparse
 import contextlib
@@ -70,15 +75,22 @@ def log(message):
 # ----------------------------------------------------------------------------------------------------- data
 
 class Data:
-    """uint8 images (N, 3, S, S), S = image_size (32 for the CIFAR zoo), and int64 labels for train and test,
-    on one device."""
+    """uint8 images (N, 3, S0, S0) and int64 labels for train and test, on one device. The models see
+    image_size x image_size inputs: S0 itself (32 for the CIFAR zoo), or, where the images are kept smaller
+    (CIFAR at 224), training batches upsampled by a random resized crop and test images by a resize.
+    augment: "pad-crop" (4-pixel zero padding, crop, flip: the CIFAR benchmark's) or "resized-crop"
+    (torchvision's RandomResizedCrop of area fraction in crop_scale and aspect ratio in crop_ratio, flip)."""
 
-    def __init__(self, train_x, train_y, test_x, test_y, num_classes, mean, std, name):
+    def __init__(self, train_x, train_y, test_x, test_y, num_classes, mean, std, name, image_size=None,
+                 augment=None, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3)):
         self.train_x, self.train_y, self.test_x, self.test_y = train_x, train_y, test_x, test_y
         self.num_classes, self.name = num_classes, name
         self.fingerprint = fingerprint(train_x, train_y, test_x, test_y)
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
         self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self.image_size = image_size or self.stored_size
+        self.augment = augment or ("pad-crop" if self.image_size == self.stored_size else "resized-crop")
+        self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
 
     def to(self, device):
         for key in ("train_x", "train_y", "test_x", "test_y", "mean", "std"):
@@ -86,11 +98,16 @@ class Data:
         return self
 
     @property
-    def image_size(self):
+    def stored_size(self):
         return self.train_x.shape[-1]
 
-    def normalize(self, x_uint8):
-        return (x_uint8.float().div_(255) - self.mean) / self.std
+    @property
+    def device(self):
+        return self.train_x.device
+
+    def normalize(self, x):
+        """uint8 pixels, or float ones in 0..255 (a resized batch, modified in place), normalised."""
+        return (x.float().div_(255) - self.mean) / self.std
 
 
 def fingerprint(*tensors):
@@ -189,51 +206,106 @@ def image_size_of(args):
 
 
 def load_data(args, device):
-    """The dataset of --dataset at the run's image size (image_size_of), as a Data on `device`."""
+    """The dataset of --dataset for the run's image size (image_size_of), as a Data on `device`: kept at
+    --store-size (CIFAR: 32; folder and synthetic: the image size, unless given)."""
     size = image_size_of(args)
+    stored = getattr(args, "store_size", None) or (32 if args.dataset in ("cifar100", "cifar10") else size)
+    for flag in ("crop_scale", "crop_ratio"):
+        low, high = getattr(args, flag, (0, 0))
+        if low > high:
+            raise SystemExit(f"error: --{flag.replace('_', '-')} {low:g} {high:g}: MIN is above MAX")
+    if stored > size:
+        raise SystemExit(f"error: --store-size {stored} is larger than the image size {size}; images are "
+                         "kept at most at the size the models see")
+    if args.dataset in ("imagenet", "folder") and streams(args, stored):
+        data = load_streamed_folder(args, size, device)
+        if args.train_subset:
+            check_subset(args, data.train_y.cpu(), data.num_classes)
+            data.subset(balanced_subset(data.train_y.cpu(), args.train_subset, data.num_classes, seed=0))
+        return data
     if args.dataset in ("cifar100", "cifar10"):
-        if size != 32:
-            raise SystemExit(f"error: --dataset {args.dataset} is 32x32 and is not resized here; use "
-                             f"--image-size 32, or --dataset folder/synthetic at --image-size {size}")
+        if stored != 32:
+            raise SystemExit(f"error: --dataset {args.dataset} is kept at its own 32x32 (upsampled to "
+                             f"--image-size {size} batch by batch); drop --store-size {stored}")
         (train_x, train_y, test_x, test_y), num_classes = load_cifar(args.dataset, args.data_dir)
         mean, std = NORMALIZATION[args.dataset]
     else:
-        if args.dataset == "folder":
-            (train_x, train_y, test_x, test_y), num_classes = load_image_folder(args.data_dir, size)
+        if args.dataset in ("imagenet", "folder"):
+            splits = ("train", "val") if args.dataset == "imagenet" else ("train", "test")
+            (train_x, train_y, test_x, test_y), num_classes = load_image_folder(args.data_dir, stored, splits)
         else:
-            (train_x, train_y, test_x, test_y), num_classes = make_synthetic(image_size=size)
+            (train_x, train_y, test_x, test_y), num_classes = make_synthetic(image_size=stored)
     if args.train_subset:
-        if args.train_subset > len(train_y):
-            raise SystemExit(f"error: --train-subset {args.train_subset} is more than the {len(train_y)} "
-                             f"training images of {args.dataset}")
-        if args.train_subset < num_classes:
-            raise SystemExit(f"error: --train-subset {args.train_subset} is fewer than the {num_classes} "
-                             f"classes of {args.dataset}: a class-balanced subset needs one image per class "
-                             "at least")
-        if args.train_subset % num_classes:
-            lower = args.train_subset // num_classes * num_classes
-            raise SystemExit(f"error: --train-subset {args.train_subset} does not split evenly over the "
-                             f"{num_classes} classes of {args.dataset}: use a multiple of {num_classes}, "
-                             f"e.g. {lower} or {lower + num_classes}")
+        check_subset(args, train_y, num_classes)
         keep = balanced_subset(train_y, args.train_subset, num_classes, seed=0)
         train_x, train_y = train_x[keep], train_y[keep]
-    if args.dataset in ("folder", "synthetic"):  # statistics of the images actually trained on
+    if args.dataset in ("imagenet", "folder", "synthetic"):  # statistics of the images actually trained on
         pixels = train_x.float().div(255)
         mean, std = pixels.mean((0, 2, 3)).tolist(), pixels.std((0, 2, 3)).tolist()
-    return Data(train_x, train_y, test_x, test_y, num_classes, mean, std, args.dataset).to(device)
+    if getattr(args, "augment", None) == "pad-crop" and stored != size:
+        raise SystemExit(f"error: --augment pad-crop crops at the size the images are kept at ({stored}), "
+                         f"not at --image-size {size}; use --augment resized-crop, or keep them at {size}")
+    augment = dict(augment=getattr(args, "augment", None), crop_scale=getattr(args, "crop_scale", (0.08, 1)),
+                   crop_ratio=getattr(args, "crop_ratio", (3 / 4, 4 / 3)))
+    return Data(train_x, train_y, test_x, test_y, num_classes, mean, std, args.dataset, size,
+                **augment).to(device)
+
+
+def streams(args, stored):
+    """Whether a folder is streamed from its files rather than kept on the device: --pipeline stream; or
+    auto and ImageNet (whose evaluation protocol, a resize and a center crop, is the stream's) or a folder
+    whose images decoded at stored x stored would take more than --device-data-limit GB."""
+    pipeline = getattr(args, "pipeline", "auto")
+    if pipeline != "auto":
+        return pipeline == "stream"
+    if args.dataset == "imagenet":
+        return True
+    _, listed = list_image_folder(args.data_dir)
+    decoded = sum(len(paths) for paths, _ in listed.values()) * 3 * stored * stored
+    return decoded > getattr(args, "device_data_limit", 8.0) * 1e9
+
+
+def check_subset(args, train_y, num_classes):
+    """--train-subset N: at most the training images, at least one per class, a multiple of the classes."""
+    if args.train_subset > len(train_y):
+        raise SystemExit(f"error: --train-subset {args.train_subset} is more than the {len(train_y)} "
+                         f"training images of {args.dataset}")
+    if args.train_subset < num_classes:
+        raise SystemExit(f"error: --train-subset {args.train_subset} is fewer than the {num_classes} "
+                         f"classes of {args.dataset}: a class-balanced subset needs one image per class "
+                         "at least")
+    if args.train_subset % num_classes:
+        lower = args.train_subset // num_classes * num_classes
+        raise SystemExit(f"error: --train-subset {args.train_subset} does not split evenly over the "
+                         f"{num_classes} classes of {args.dataset}: use a multiple of {num_classes}, "
+                         f"e.g. {lower} or {lower + num_classes}")
 
 
 def train_batches(data, batch_size, seed, epoch, channels_last=False, shard=(0, 1)):
-    """Shuffled, augmented, normalised batches: random crop after 4-pixel zero padding, horizontal flip.
-    The randomness of an epoch depends only on (seed, epoch). Under torchrun, `shard` is (rank, world size):
-    every rank draws the same epoch and takes its part of each global batch of `batch_size` (see
-    shard_bounds), so that the ranks' parts together are exactly the single-process epoch."""
+    """Shuffled, augmented, normalised batches: random crop after 4-pixel zero padding and horizontal flip,
+    or a random resized crop and flip (data.augment). The randomness of an epoch depends only on (seed,
+    epoch). Under torchrun, `shard` is (rank, world size): every rank draws the same epoch and takes its part
+    of each global batch of `batch_size` (see shard_bounds), so that the ranks' parts together are exactly
+    the single-process epoch."""
+    if isinstance(data, StreamedData):
+        yield from data.train_batches(batch_size, seed, epoch, channels_last, shard)
+        return
     n, size = len(data.train_y), data.image_size
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(n, generator=g).to(data.train_x.device)
-    offsets = torch.randint(0, 9, (n, 2), generator=g).to(data.train_x.device)
-    flips = (torch.rand(n, generator=g) < 0.5).to(data.train_x.device)
-    arange = torch.arange(size, device=data.train_x.device)
+    order = torch.randperm(n, generator=g).to(data.device)
+    if data.augment == "resized-crop":
+        boxes = resized_crop_boxes(n, data.stored_size, data.stored_size, data.crop_scale, data.crop_ratio, g)
+        boxes, flips = boxes.to(data.device), (torch.rand(n, generator=g) < 0.5).to(data.device)
+        for start in range(0, n, batch_size):
+            lo, hi = shard_bounds(start, min(start + batch_size, n), *shard)
+            idx = order[lo:hi]
+            x = resized_crops(data.train_x[idx], boxes[lo:hi], size)
+            x = data.normalize(torch.where(flips[lo:hi, None, None, None], x.flip(3), x))
+            yield (x.contiguous(memory_format=torch.channels_last) if channels_last else x), data.train_y[idx]
+        return
+    offsets = torch.randint(0, 9, (n, 2), generator=g).to(data.device)
+    flips = (torch.rand(n, generator=g) < 0.5).to(data.device)
+    arange = torch.arange(size, device=data.device)
     for start in range(0, n, batch_size):
         lo, hi = shard_bounds(start, min(start + batch_size, n), *shard)
         idx = order[lo:hi]
@@ -251,15 +323,74 @@ def test_batches(data, batch_size=500, channels_last=False, shard=(0, 1)):
     """The test set in order, in global batches of `batch_size`, each rank its part of each (see
     shard_bounds). Under torchrun a last batch smaller than the world size joins the one before it, so that
     no rank's part is empty (a single process is unaffected)."""
-    n, world = len(data.test_y), shard[1]
-    starts = list(range(0, n, batch_size))
-    if world > 1 and len(starts) > 1 and n - starts[-1] < world:
-        starts.pop()
-    for start, stop in zip(starts, starts[1:] + [n]):
-        lo, hi = shard_bounds(start, stop, *shard)
-        x = data.normalize(data.test_x[lo:hi])
+    if isinstance(data, StreamedData):
+        yield from data.test_batches(batch_size, channels_last, shard)
+        return
+    for lo, hi in test_batch_bounds(len(data.test_y), batch_size, shard):
+        x = data.test_x[lo:hi]
+        if data.stored_size != data.image_size:  # kept smaller (CIFAR at 224): the whole image, resized
+            x = F.interpolate(x.float(), size=data.image_size, mode="bilinear", align_corners=False)
+        x = data.normalize(x)
         x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
         yield x, data.test_y[lo:hi]
+
+
+def test_batch_bounds(n, batch_size, shard):
+    """This rank's part [lo, hi) of each global test batch (see test_batches)."""
+    starts = list(range(0, n, batch_size))
+    if shard[1] > 1 and len(starts) > 1 and n - starts[-1] < shard[1]:
+        starts.pop()
+    return [shard_bounds(start, stop, *shard) for start, stop in zip(starts, starts[1:] + [n])]
+
+
+def resized_crop_boxes(n, height, width, scale, ratio, generator):
+    """torchvision's RandomResizedCrop.get_params for n images at once (of one size, or of (n,) heights and
+    widths): an (n, 4) int64 tensor of (top, left, h, w). Ten tries each of an area fraction ~ U(scale) and
+    a log aspect ratio ~ U(log ratio); the first that fits the image is taken, else (all ten fail) the whole
+    image, its ratio clamped into `ratio`, centred: torchvision's fallback."""
+    height = torch.as_tensor(height, dtype=torch.float64).expand(n)[:, None]
+    width = torch.as_tensor(width, dtype=torch.float64).expand(n)[:, None]
+    target = height * width * torch.empty(n, 10).uniform_(scale[0], scale[1], generator=generator).double()
+    log_ratio = torch.empty(n, 10).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    aspect = log_ratio.double().exp()
+    w, h = (target * aspect).sqrt().round(), (target / aspect).sqrt().round()  # round half to even, as Python
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.int().argmax(1, keepdim=True)  # the first try that fits (0 when none does)
+    w, h = w.gather(1, first), h.gather(1, first)
+    where = torch.rand(n, 2, generator=generator).double()
+    top, left = (where[:, :1] * (height - h + 1)).floor(), (where[:, 1:] * (width - w + 1)).floor()
+    narrow, wide = width / height < ratio[0], width / height > ratio[1]
+    fallback_w = torch.where(wide, (height * ratio[1]).round(), width)
+    fallback_h = torch.where(narrow, (width / ratio[0]).round(), height)
+    fallback = torch.cat([((height - fallback_h) / 2).floor(), ((width - fallback_w) / 2).floor(), fallback_h,
+                          fallback_w], 1)
+    boxes = torch.cat([top, left, h, w], 1)
+    return torch.where(fits.any(1, keepdim=True), boxes, fallback).long()
+
+
+def resized_crops(images, boxes, size):
+    """Each image's box (top, left, h, w) resized to size x size, bilinearly: for every image what
+    F.interpolate(crop, size, mode="bilinear", align_corners=False) gives for its crop (no antialiasing; the
+    crops are upsampled), as float pixels in 0..255. Separable: two gathers and two lerps per batch."""
+    n, c, height, width = images.shape
+    ramp = torch.arange(size, device=images.device, dtype=torch.float32) + 0.5
+
+    def taps(start, length):  # each output pixel's two source pixels and the second one's weight
+        source = (ramp * (length[:, None].float() / size) - 0.5).clamp(min=0)
+        low = source.floor()
+        weight = source - low
+        low = low.long()
+        high = torch.minimum(low + 1, length[:, None] - 1)
+        return start[:, None] + low, start[:, None] + high, weight
+
+    top, left, h, w = boxes.unbind(1)
+    row_a, row_b, row_weight = taps(top, h)
+    col_a, col_b, col_weight = taps(left, w)
+    x = images.float()
+    rows = lambda index: x.gather(2, index[:, None, :, None].expand(n, c, size, width))
+    x = torch.lerp(rows(row_a), rows(row_b), row_weight[:, None, :, None])
+    cols = lambda index: x.gather(3, index[:, None, None, :].expand(n, c, size, size))
+    return torch.lerp(cols(col_a), cols(col_b), col_weight[:, None, None, :])
 
 
 def shard_bounds(start, stop, rank, world):
@@ -272,36 +403,89 @@ def shard_bounds(start, stop, rank, world):
 
 # -------------------------------------------------------------------------------------------------- recipes
 
-# The training recipe of each model family. cnn: the CIFAR benchmark's SGD recipe, x0.1 at 62.5/75/87.5 % of
-# the epochs (150/180/210 of 240), with the benchmark's per-model lr where it differs (models.DEFAULT_LR:
-# MobileNetV2/ShuffleV1/ShuffleV2 0.01). token (ViT/Mixer): AdamW, cosine after a linear warm-up of
-# min(5, epochs // 10) epochs (None here), label smoothing 0.1. The recipe flags' --help reads from here.
+# The training recipe of each setting (--recipe) and model family; every entry is also a flag.
+# cifar: the CIFAR benchmark's recipes. cnn: SGD, x0.1 at 62.5/75/87.5 % of the epochs (150/180/210 of 240),
+#   with the benchmark's per-model lr where it differs (models.DEFAULT_LR: MobileNetV2/ShuffleV1/ShuffleV2
+#   0.01). token (ViT/Mixer) [choice]: AdamW, cosine after a linear warm-up of min(5, epochs // 10) epochs
+#   (None here), label smoothing 0.1.
+# imagenet: cnn is the KD benchmarks' ImageNet recipe (mdistiller configs/imagenet/r34_r18: SGD lr 0.2 for
+#   batch 512, weight decay 1e-4, 100 epochs, x0.1 at 30/60/90); token [choice] is DeiT's optimiser and
+#   schedule (AdamW lr 5e-4 for batch 512, weight decay 0.05, 300 epochs, cosine after 5 warm-up epochs,
+#   label smoothing 0.1) without its augmentations (RandAugment, mixup, CutMix, random erasing, repeated
+#   augmentation) and without EMA.
+# ofa: OFA-KD's 224-px CIFAR-100 recipes (LFCC's protocol), batch 128, 300 epochs, cosine. cnn: SGD lr 0.05,
+#   weight decay 2e-3; token: AdamW lr 5e-4, weight decay 0.05, 20 warm-up epochs, label smoothing 0.1
+#   [choice]; OFA-KD's own augmentations for ViT students (timm's) are left out as for imagenet.
 RECIPES = {
-    "cnn": dict(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=64, schedule="step",
-                lr_decay=0.1, warmup_epochs=0, label_smoothing=0.0),
-    "token": dict(optimizer="adamw", lr=1e-3, momentum=0.9, weight_decay=0.05, batch_size=128,
-                  schedule="cosine", lr_decay=0.1, warmup_epochs=None, label_smoothing=0.1),
+    "cifar": {
+        "cnn": dict(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=64, epochs=240,
+                    schedule="step", milestone_fractions=(0.625, 0.75, 0.875), lr_decay=0.1, warmup_epochs=0,
+                    label_smoothing=0.0),
+        "token": dict(optimizer="adamw", lr=1e-3, momentum=0.9, weight_decay=0.05, batch_size=128, epochs=240,
+                      schedule="cosine", milestone_fractions=(0.625, 0.75, 0.875), lr_decay=0.1,
+                      warmup_epochs=None, label_smoothing=0.1),
+    },
+    "imagenet": {
+        "cnn": dict(optimizer="sgd", lr=0.2, momentum=0.9, weight_decay=1e-4, batch_size=512, epochs=100,
+                    schedule="step", milestone_fractions=(0.3, 0.6, 0.9), lr_decay=0.1, warmup_epochs=0,
+                    label_smoothing=0.0),
+        "token": dict(optimizer="adamw", lr=5e-4, momentum=0.9, weight_decay=0.05, batch_size=512, epochs=300,
+                      schedule="cosine", milestone_fractions=(0.3, 0.6, 0.9), lr_decay=0.1, warmup_epochs=5,
+                      label_smoothing=0.1),
+    },
+    "ofa": {
+        "cnn": dict(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=2e-3, batch_size=128, epochs=300,
+                    schedule="cosine", milestone_fractions=(0.625, 0.75, 0.875), lr_decay=0.1, warmup_epochs=0,
+                    label_smoothing=0.0),
+        "token": dict(optimizer="adamw", lr=5e-4, momentum=0.9, weight_decay=0.05, batch_size=128, epochs=300,
+                      schedule="cosine", milestone_fractions=(0.625, 0.75, 0.875), lr_decay=0.1,
+                      warmup_epochs=20, label_smoothing=0.1),
+    },
 }
 
 
-MILESTONE_FRACTIONS = (0.625, 0.75, 0.875)
+def recipe_setting(args):
+    """--recipe, else by the data: imagenet for --dataset imagenet, ofa for CIFAR at another size than 32
+    (the 224-px protocol), cifar otherwise."""
+    if getattr(args, "recipe", None):
+        return args.recipe
+    dataset = getattr(args, "dataset", None)
+    if dataset == "imagenet":
+        return "imagenet"
+    cifar = dataset in ("cifar100", "cifar10")
+    return "ofa" if cifar and getattr(args, "image_size", None) not in (None, 32) else "cifar"
+
+
+def run_epochs(args, family=None):
+    """--epochs, else the recipe's for `family` (default: the student's or --model's)."""
+    if getattr(args, "epochs", None):
+        return args.epochs
+    name = getattr(args, "student", None) or getattr(args, "model", None)
+    return RECIPES[recipe_setting(args)][family or (model_family(name) if name else "cnn")]["epochs"]
+
 
 def make_recipe(args, family, epochs=None, use_overrides=True, model_name=None):
-    """RECIPES[family] for `epochs` (default --epochs), with `model_name`'s lr from models.DEFAULT_LR, and
-    the recipe flags given on the command line on top (unless use_overrides is False).
+    """RECIPES[setting][family] for `epochs` (default --epochs, else the recipe's), with `model_name`'s lr
+    from models.DEFAULT_LR (the cifar setting), and the recipe flags given on the command line on top
+    (unless use_overrides is False).
 
-    Milestones are rounded and distinct: a milestone that rounds onto another is dropped, so no epoch decays
+    The milestones and a row's warm-up scale with the epochs. Milestones are rounded and distinct: a milestone that rounds onto another is dropped, so no epoch decays
     twice (5 epochs give [3, 4], not [3, 4, 4], which ran the last epoch at lr x 0.001)."""
-    recipe = dict(RECIPES[family])
-    recipe.update(epochs=epochs or args.epochs, milestones=None, grad_clip=0.0)
-    recipe["lr"] = DEFAULT_LR.get(model_name, recipe["lr"])
+    setting = recipe_setting(args)
+    recipe = dict(RECIPES[setting][family])
+    fractions, row_epochs = recipe.pop("milestone_fractions"), recipe["epochs"]
+    recipe.update(epochs=epochs or run_epochs(args, family), milestones=None, grad_clip=0.0)
+    if recipe["warmup_epochs"]:  # a row's warm-up is for its epochs: a shorter run warms up in proportion
+        recipe["warmup_epochs"] *= recipe["epochs"] / row_epochs
+    if setting == "cifar":
+        recipe["lr"] = DEFAULT_LR.get(model_name, recipe["lr"])
     if use_overrides:
         given = {k: getattr(args, k) for k in recipe if k != "epochs" and getattr(args, k, None) is not None}
         recipe.update(given)
     if recipe["warmup_epochs"] is None:
         recipe["warmup_epochs"] = min(5, recipe["epochs"] // 10)
     if recipe["milestones"] is None:  # distinct: in a short run two fractions can round to one epoch
-        recipe["milestones"] = sorted({round(recipe["epochs"] * f) for f in MILESTONE_FRACTIONS})
+        recipe["milestones"] = sorted({round(recipe["epochs"] * f) for f in fractions})
     return recipe
 
 
@@ -454,7 +638,7 @@ def fit(model, data, out_dir, recipe, *, seed, loss_fn=None, train_modules=None,
         and for the checkpoint's identity; teacher: the frozen teacher's record (teacher_record), likewise.
     title: what this fit trains (a teacher, an SSKD phase, ...), in the log and in the checkpoint's identity.
     """
-    device = data.train_x.device
+    device = data.device
     train_modules = train_modules or [model]
     eval_fn = eval_fn or default_eval(model)
     loss_fn = loss_fn or classification_loss(model, recipe["label_smoothing"])
@@ -510,12 +694,12 @@ def evaluate(data, eval_fn, model, train_modules, fast):
     for module in train_modules:
         module.eval()
     sums, n = {}, 0
-    with torch.autocast(data.test_x.device.type, dtype=torch.bfloat16, enabled=fast.amp):
+    with torch.autocast(data.device.type, dtype=torch.bfloat16, enabled=fast.amp):
         for x, y in test_batches(data, channels_last=fast.channels_last, shard=(rank(), world_size())):
             for name, value in eval_fn(x, y).items():
                 sums[name] = sums.get(name, 0) + value.float() * len(y)
             n += len(y)
-    totals = sum_across_ranks({**sums, "images": torch.tensor(float(n), device=data.test_x.device)})
+    totals = sum_across_ranks({**sums, "images": torch.tensor(float(n), device=data.device)})
     n = totals.pop("images").item()
     return {name: value.item() / n for name, value in totals.items()}
 
@@ -731,8 +915,8 @@ def model_file(model, epoch, accuracy, data):
 # Flags that do not change what a run learns. They may differ when a run is resumed (a moved data folder,
 # another device) and are left out of default run-folder names. --amp and the other speed flags change
 # float rounding only.
-RUN_ONLY_FLAGS = {"out_dir", "resume", "overwrite", "data_dir", "checkpoint_dir", "log_every", "eval_every",
-                  "device", "amp", "channels_last", "compile", "deterministic", "teacher_ckpt",
+RUN_ONLY_FLAGS = {"out_dir", "resume", "overwrite", "data_dir", "workers", "checkpoint_dir", "log_every",
+                  "eval_every", "device", "amp", "channels_last", "compile", "deterministic", "teacher_ckpt",
                   "save_as_teacher"}
 
 
@@ -766,6 +950,8 @@ def dataset_tag(args, data):
     tag = args.dataset
     if args.dataset == "folder":
         tag = f"folder-{Path(args.data_dir).expanduser().resolve().name}-{data.fingerprint[:8]}"
+    elif args.dataset == "imagenet":
+        tag = f"imagenet-{data.fingerprint[:8]}"
     size = getattr(data, "image_size", 32)
     tag += f"-{size}px" if size != 32 else ""
     return tag + (f"-subset{args.train_subset}" if args.train_subset else "")
@@ -1105,6 +1291,10 @@ def fraction(text):
     return number(text, float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
+def area_fraction(text):
+    return number(text, float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
 def device_name(text):
     """--device: a torch device that this machine has (cpu, cuda, cuda:N, mps)."""
     try:
@@ -1128,41 +1318,76 @@ def device_name(text):
 
 
 def family_defaults(key):
-    """'cnn 64, token 128': a recipe entry's default by family, for --help (from RECIPES)."""
-    return ", ".join(f"{family} {recipe[key]}" for family, recipe in RECIPES.items())
+    """'cifar: cnn 64, token 128; imagenet: ...': a recipe entry's defaults, for --help (from RECIPES)."""
+    return "; ".join(f"{setting}: " + ", ".join(f"{family} {row[key]}" for family, row in rows.items())
+                     for setting, rows in RECIPES.items())
 
 
 def add_common_args(parser):
     """Flags every script shares: data, recipe, output, device. Recipe flags left unset take the model
     family's default (see make_recipe)."""
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default="cifar100", choices=["cifar100", "cifar10", "folder", "synthetic"],
-                   help="cifar100/cifar10 (torchvision files in --data-dir), folder (DIR/train/<class>/*, "
-                        "DIR/test/<class>/*), or synthetic (generated, for smoke runs and tests)")
+    g.add_argument("--dataset", default="cifar100",
+                   choices=["cifar100", "cifar10", "folder", "imagenet", "synthetic"],
+                   help="cifar100/cifar10 (torchvision files in --data-dir), folder (DIR/train/<class>/**, "
+                        "DIR/test/<class>/**), imagenet (DIR/train/<wnid>/*.JPEG, DIR/val/<wnid>/*.JPEG), "
+                        "or synthetic (generated, for smoke runs and tests)")
     g.add_argument("--data-dir", type=path_flag, default="data", help="where the dataset is (default: data)")
     g.add_argument("--image-size", type=positive_int, metavar="S",
-                   help="input side in pixels (default: the models' own, 32 for the CIFAR zoo); synthetic "
-                        "and folder images are made or resized to S x S, CIFAR stays 32")
+                   help="input side in pixels (default: the models' own, 32 for the CIFAR zoo, 224 for the "
+                        "ImageNet ones)")
+    g.add_argument("--store-size", type=positive_int, metavar="S0",
+                   help="the side at which the images are kept on the device (default: CIFAR's own 32; "
+                        "folder and synthetic images are made or resized to --image-size); below "
+                        "--image-size, each training batch is upsampled by a random resized crop there and "
+                        "test images by a bilinear resize")
+    g.add_argument("--augment", choices=["pad-crop", "resized-crop"],
+                   help="training augmentation, each with a horizontal flip: pad-crop (4-pixel zero padding, "
+                        "random crop: the CIFAR benchmark's) or resized-crop (torchvision's "
+                        "RandomResizedCrop, see --crop-scale); default: pad-crop where the images are kept "
+                        "at --image-size, resized-crop where they are upsampled")
+    g.add_argument("--crop-scale", type=area_fraction, nargs=2, default=[0.08, 1.0], metavar=("MIN", "MAX"),
+                   help="resized-crop: the crop's area fraction range (default 0.08 1, torchvision's)")
+    g.add_argument("--crop-ratio", type=positive_float, nargs=2, default=[3 / 4, 4 / 3],
+                   metavar=("MIN", "MAX"),
+                   help="resized-crop: the crop's aspect ratio range (default 3/4 4/3, torchvision's)")
     g.add_argument("--train-subset", type=nonnegative_int, default=0, metavar="N",
                    help="train on a class-balanced subset of N images (fixed choice, same for every seed)")
-    g = parser.add_argument_group("training recipe (unset: the student family's default)")
-    g.add_argument("--epochs", type=positive_int, default=240, help="training epochs (default 240)")
+    g.add_argument("--pipeline", choices=["auto", "device", "stream"], default="auto",
+                   help="folder and imagenet: device (all images decoded once, kept on the device) or stream "
+                        "(decoded batch by batch in --workers processes); auto (default): stream when the "
+                        "decoded images would take more than --device-data-limit")
+    g.add_argument("--device-data-limit", type=positive_float, default=8.0, metavar="GB",
+                   help="--pipeline auto streams a folder whose decoded images exceed this (default 8 GB)")
+    g.add_argument("--workers", type=nonnegative_int, metavar="N",
+                   help="stream: decoding processes per rank (default: this machine's cores per rank less "
+                        "one, at most 16; 0 decodes in the training process)")
+    g.add_argument("--eval-resize", type=positive_int, metavar="R",
+                   help="stream: test images resized to R on their shorter side, then center-cropped to "
+                        "--image-size (default: 256 for 224, in proportion for other sizes: torchvision's "
+                        "ImageNet evaluation)")
+    g = parser.add_argument_group("training recipe (unset: the --recipe row of the student's family)")
+    g.add_argument("--recipe", choices=list(RECIPES),
+                   help="the recipe table's row: cifar (the CIFAR benchmark's), imagenet (the KD "
+                        "benchmarks' ImageNet recipe), ofa (OFA-KD's 224-px CIFAR-100 recipe); default: "
+                        "imagenet for --dataset imagenet, ofa for CIFAR at --image-size other than 32, "
+                        "else cifar")
+    g.add_argument("--epochs", type=positive_int, help=f"training epochs ({family_defaults('epochs')})")
     g.add_argument("--batch-size", type=positive_int, help=f"batch size ({family_defaults('batch_size')})")
     g.add_argument("--lr", type=positive_float, help=f"peak learning rate ({family_defaults('lr')}; "
                    + ", ".join(f"{name} {lr}" for name, lr in DEFAULT_LR.items()) + ")")
     g.add_argument("--optimizer", choices=["sgd", "adamw"], help=family_defaults("optimizer"))
-    g.add_argument("--momentum", type=fraction, help=f"SGD momentum ({RECIPES['cnn']['momentum']})")
+    g.add_argument("--momentum", type=fraction, help="SGD momentum (0.9)")
     g.add_argument("--weight-decay", type=nonnegative_float,
                    help=f"weight decay ({family_defaults('weight_decay')})")
     g.add_argument("--schedule", choices=["step", "cosine"], help=family_defaults("schedule"))
     g.add_argument("--milestones", type=positive_int, nargs="+",
-                   help="step schedule epochs (default "
-                        + "/".join(f"{f * 100:g}" for f in MILESTONE_FRACTIONS)
-                        + "%% of --epochs: 150 180 210 of 240)")
-    g.add_argument("--lr-decay", type=positive_float,
-                   help=f"step schedule factor ({RECIPES['cnn']['lr_decay']})")
+                   help="step schedule epochs (default: cifar 62.5/75/87.5 %%, imagenet 30/60/90 %% of "
+                        "--epochs: 150 180 210 of 240, 30 60 90 of 100)")
+    g.add_argument("--lr-decay", type=positive_float, help="step schedule factor (0.1)")
     g.add_argument("--warmup-epochs", type=nonnegative_float,
-                   help=f"linear lr warm-up (cnn {RECIPES['cnn']['warmup_epochs']}, token min(5, epochs/10))")
+                   help="linear lr warm-up (cifar: cnn 0, token min(5, epochs/10); imagenet: cnn 0, token 5; "
+                        "ofa: cnn 0, token 20)")
     g.add_argument("--label-smoothing", type=fraction,
                    help=f"cross-entropy label smoothing ({family_defaults('label_smoothing')})")
     g.add_argument("--grad-clip", type=nonnegative_float, help="clip the gradient norm (default off)")
@@ -1255,14 +1480,25 @@ def setup(args, script, parser):
     if args.out_dir is None:
         run_name = args.model if script == "common" else f"{script}_{args.teacher}_{args.student}"
         args.out_dir = default_out_dir(args, parser, run_name, data)
+    # The recipe's row and length, resolved once the folder is named (the defaults are not in its name), so
+    # that run.json records them and a resume compares them.
+    args.recipe, args.epochs = recipe_setting(args), run_epochs(args)
     teacher_missing = getattr(args, "teacher", None) and not args.teacher_ckpt and \
         not any(p.exists() for p in teacher_candidates(args, data))  # it will be trained
     check_batch_split(args, data, script, teacher_missing)
     on_rank_0(claim_out_dir, args, data, script)
     if teacher_missing:
         on_rank_0(ensure_writable, teacher_candidates(args, data)[0].parent, "--checkpoint-dir")
+    if isinstance(data, StreamedData):
+        decoders = f"{data.workers} worker processes per rank" if data.workers else "the training process"
+        pipeline = (f", streamed, decoded by {decoders} (resized-crop to {data.image_size}px; test: resize "
+                    f"{data.eval_resize}, center crop)")
+    elif data.augment == "pad-crop":
+        pipeline = ""
+    else:
+        pipeline = f", kept at {data.stored_size}px, {data.augment} to {data.image_size}px on the device"
     log(f"data: {data.name}, {len(data.train_y)} train / {len(data.test_y)} test images, {data.num_classes} "
-        f"classes, fingerprint {data.fingerprint}; output: {args.out_dir}")
+        f"classes{pipeline}, fingerprint {data.fingerprint}; output: {args.out_dir}")
     torch.manual_seed(args.seed)
     return device, data
 
@@ -1379,7 +1615,7 @@ def check_batch_split(args, data, script, teacher_missing):
     if world == 1:
         return
     student = args.model if script == "common" else args.student
-    batches = [("--batch-size", args.batch_size or RECIPES[model_family(student)]["batch_size"])]
+    batches = [("--batch-size", args.batch_size or RECIPES[recipe_setting(args)][model_family(student)]["batch_size"])]
     if teacher_missing:
         batches.append(("the teacher's batch", RECIPES[model_family(args.teacher)]["batch_size"]))
     for what, batch in batches:
@@ -1465,36 +1701,38 @@ def files_under(folder):
     return files, hidden
 
 
-def load_image_folder(root, size=32):
-    """`root/train/<class>/**` and `root/test/<class>/**`, any size and mode, as RGB size x size uint8.
-
-    Both splits must have the same class folders, each with images, and every image file (at any depth under
-    its class folder) must be readable: a run refuses rather than skips, so that a benchmark never trains or
-    tests on fewer images than the folder holds. Names starting with '.' (.ipynb_checkpoints, .DS_Store) are
+def list_image_folder(root, splits=None):
+    """The classes of `root/<split>/<class>/**` and, per split, its image files and labels: both splits with
+    the same class folders, each with images. Names starting with '.' (.ipynb_checkpoints, .DS_Store) are
     neither classes nor images; they and the files that are not images by their extension are counted and
-    named in one log line."""
+    named in one log line. Returns (classes, {split: ([path, ...], [label, ...])})."""
     root = Path(root).expanduser()
-    if not (root / "train").is_dir() or not (root / "test").is_dir():
-        layout = f"{root}/train/<class>/ and {root}/test/<class>/"
-        raise SystemExit(f"error: {root}/ has no train/ and test/ folders of class sub-folders: put the "
-                         f"images in {layout} (the README's 'Data' section writes torchvision's CIFAR-10 "
-                         "that way), or pass --data-dir DIR where they are")
-    entries = {split: sorted((root / split).iterdir()) for split in ("train", "test")}
+    splits = splits or ("train", "test")
+    first, second = splits
+    if not (root / first).is_dir() or not (root / second).is_dir():
+        layout = f"{root}/{first}/<class>/ and {root}/{second}/<class>/"
+        raise SystemExit(f"error: {root}/ has no {first}/ and {second}/ folders of class sub-folders: put "
+                         f"the images in {layout} (benchmarks/README.md writes torchvision's CIFAR-10 that "
+                         "way), or pass --data-dir DIR where they are")
+    entries = {split: sorted((root / split).iterdir()) for split in splits}
     class_lists = {split: [p.name for p in found if p.is_dir() and not p.name.startswith(".")]
                    for split, found in entries.items()}
-    classes, test_classes = class_lists["train"], class_lists["test"]
+    classes, test_classes = class_lists[first], class_lists[second]
     if classes != test_classes:
         only_train = sorted(set(classes) - set(test_classes))
         only_test = sorted(set(test_classes) - set(classes))
-        raise SystemExit(f"error: {root}/train/ and {root}/test/ have different classes: only in train/: "
-                         f"{', '.join(only_train) or 'none'}; only in test/: "
+        raise SystemExit(f"error: {root}/{first}/ and {root}/{second}/ have different classes: only in "
+                         f"{first}/: {', '.join(only_train) or 'none'}; only in {second}/: "
                          f"{', '.join(only_test) or 'none'}")
+    if not classes:
+        raise SystemExit(f"error: no class folders found under {root}/{first}/ (expected {first}/<class>/ "
+                         "folders)")
     hidden = [p for found in entries.values() for p in found if p.name.startswith(".")]
     not_images = [p for found in entries.values() for p in found
                   if not p.is_dir() and not p.name.startswith(".")]
-    splits, unreadable, total = {}, [], 0
-    for split in ("train", "test"):
-        images, labels = [], []
+    listed = {}
+    for split in splits:
+        paths, labels = [], []
         for label, cls in enumerate(classes):
             files, hidden_here = files_under(root / split / cls)
             hidden += hidden_here
@@ -1502,22 +1740,10 @@ def load_image_folder(root, size=32):
                 if path.suffix.lower() not in IMAGE_EXTENSIONS:
                     not_images.append(path)
                     continue
-                total += 1
-                try:
-                    images.append(read_image(path, size))
-                    labels.append(label)
-                except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, ... by format
-                    unreadable.append((path, unreadable_reason(path, error)))
-        splits[split] = images, labels
-    if unreadable:
-        path, reason = unreadable[0]
-        raise SystemExit(f"error: cannot read {path} ({reason}); {len(unreadable)} of the {total} image "
-                         f"files under {root}/ cannot be read in all. Replace or delete them: a run does not "
-                         "skip images")
-    if not classes:
-        raise SystemExit(f"error: no class folders found under {root}/train/ (expected train/<class>/ "
-                         "folders)")
-    empty = [f"{split}/{classes[c]}/" for split, (_, labels) in splits.items()
+                paths.append(path)
+                labels.append(label)
+        listed[split] = paths, labels
+    empty = [f"{split}/{classes[c]}/" for split, (_, labels) in listed.items()
              for c in sorted(set(range(len(classes))) - set(labels))]
     if empty:
         raise SystemExit(f"error: {root}/: no images in {', '.join(empty)}; every class needs training and "
@@ -1528,10 +1754,223 @@ def load_image_folder(root, size=32):
     if skipped:
         log(f"{root}/: not read: {'; '.join(skipped)}; image extensions: "
             f"{' '.join(sorted(IMAGE_EXTENSIONS))}")
-    tensors = []
-    for images, labels in splits.values():
-        tensors += [torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)]
+    return classes, listed
+
+
+def load_image_folder(root, size=32, splits=None):
+    """`root/train/<class>/**` and `root/test/<class>/**`, any size and mode, as RGB size x size uint8.
+
+    Both splits must have the same class folders, each with images, and every image file (at any depth under
+    its class folder) must be readable: a run refuses rather than skips, so that a benchmark never trains or
+    tests on fewer images than the folder holds (see list_image_folder for what is not read)."""
+    root = Path(root).expanduser()
+    classes, listed = list_image_folder(root, splits)
+    tensors, unreadable, total = [], [], sum(len(paths) for paths, _ in listed.values())
+    for paths, labels in listed.values():
+        images = []
+        for path in paths:
+            try:
+                images.append(read_image(path, size))
+            except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, ... by format
+                unreadable.append((path, unreadable_reason(path, error)))
+        if not unreadable:
+            images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+            tensors += [images, torch.tensor(labels)]
+    if unreadable:
+        path, reason = unreadable[0]
+        raise SystemExit(f"error: cannot read {path} ({reason}); {len(unreadable)} of the {total} image "
+                         f"files under {root}/ cannot be read in all. Replace or delete them: a run does not "
+                         "skip images")
     return tensors, len(classes)
+
+
+# -------------------------------------------------------------------------------- streamed image folders
+
+IMAGENET_NORMALIZATION = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # torchvision's
+
+
+class StreamedData:
+    """An image folder too large for the device, decoded batch by batch in DataLoader worker processes.
+
+    The same interface as Data where the loop reads it (labels, classes, fingerprint, image_size, device,
+    normalize) and its own train_batches and test_batches. Each epoch's plan (the order, every sample's crop
+    box and flip) is drawn in the main process from (seed, epoch) and the image sizes read beforehand, so
+    a batch does not depend on the number of workers, and a resumed run sees the same images in the same
+    order. The workers only decode, crop, resize and flip, into uint8; conversion, normalisation and the
+    memory format happen on the training device. Training: torchvision's RandomResizedCrop
+    (resized_crop_boxes, --crop-scale, --crop-ratio) and a flip; evaluation: torchvision's Resize(R) +
+    CenterCrop(S), R = --eval-resize (256 at 224), with torchvision's own functions."""
+
+    augment = "resized-crop"
+
+    def __init__(self, name, listed, sizes, num_classes, image_size, eval_resize, workers, crop_scale,
+                 crop_ratio, mean, std, device, fingerprint):
+        (self.train_paths, train_y), (self.test_paths, test_y) = listed
+        self.train_sizes, self.test_sizes = sizes  # (N, 2) int64: each image's height and width
+        self.train_y, self.test_y = torch.tensor(train_y).to(device), torch.tensor(test_y).to(device)
+        self.name, self.num_classes, self.image_size, self.device = name, num_classes, image_size, device
+        self.eval_resize, self.workers, self.fingerprint = eval_resize, workers, fingerprint
+        self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        self.stored_size = None  # nothing is stored
+
+    normalize = Data.normalize
+
+    def subset(self, keep):
+        self.train_paths = [self.train_paths[i] for i in keep.tolist()]
+        self.train_sizes, self.train_y = self.train_sizes[keep], self.train_y[keep.to(self.train_y.device)]
+
+    def train_plan(self, batch_size, seed, epoch, shard):
+        """This rank's part of every global batch of the epoch: lists of (index, top, left, h, w, flip)."""
+        n = len(self.train_paths)
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=g)
+        heights, widths = self.train_sizes[order].unbind(1)
+        boxes = resized_crop_boxes(n, heights, widths, self.crop_scale, self.crop_ratio, g)
+        flips = torch.rand(n, generator=g) < 0.5
+        rows = torch.cat([order[:, None], boxes, flips[:, None].long()], 1).tolist()
+        return [rows[slice(*shard_bounds(start, min(start + batch_size, n), *shard))]
+                for start in range(0, n, batch_size)]
+
+    def batches(self, plan, labels, channels_last):
+        transform = ("train", self.image_size) if labels is self.train_y else \
+            ("test", self.image_size, self.eval_resize)
+        paths = self.train_paths if labels is self.train_y else self.test_paths
+        loader = torch.utils.data.DataLoader(
+            DecodedImages(paths, transform), batch_sampler=plan, num_workers=self.workers,
+            collate_fn=collate_decoded, pin_memory=self.device.type == "cuda")
+        for (x, failed), rows in zip(loader, plan):
+            if failed:
+                raise SystemExit(f"error: cannot read {failed}; replace or delete it: a run does not skip "
+                                 "images")
+            x = self.normalize(x.to(self.device, non_blocking=True))
+            index = torch.tensor([row[0] for row in rows], device=labels.device)
+            yield (x.contiguous(memory_format=torch.channels_last) if channels_last else x), labels[index]
+
+    def train_batches(self, batch_size, seed, epoch, channels_last=False, shard=(0, 1)):
+        return self.batches(self.train_plan(batch_size, seed, epoch, shard), self.train_y, channels_last)
+
+    def test_batches(self, batch_size=500, channels_last=False, shard=(0, 1)):
+        plan = [[(i,) for i in range(lo, hi)] for lo, hi in test_batch_bounds(len(self.test_y), batch_size,
+                                                                                shard)]
+        return self.batches(plan, self.test_y, channels_last)
+
+
+class DecodedImages(torch.utils.data.Dataset):
+    """Image files decoded in a worker: rows (index, top, left, h, w, flip) into training crops, rows
+    (index,) into evaluation ones. Returns (uint8 (3, S, S) tensor, None), or (None, "path (why)")."""
+
+    def __init__(self, paths, transform):
+        self.paths, self.transform = paths, transform
+
+    def __getitem__(self, row):
+        path = self.paths[row[0]]
+        try:
+            if self.transform[0] == "train":
+                image = decode_crop(path, row[1:5], self.transform[1], bool(row[5]))
+            else:
+                image = decode_center(path, *self.transform[1:])
+            return torch.from_numpy(image).permute(2, 0, 1).contiguous(), None  # image: a writable copy
+        except Exception as error:  # the main process stops naming the file
+            return None, f"{path} ({unreadable_reason(Path(path), error)})"
+
+
+def collate_decoded(samples):
+    failed = next((why for image, why in samples if why), None)
+    return (None if failed else torch.stack([image for image, _ in samples])), failed
+
+
+def decode_crop(path, box, size, flip):
+    """A training crop: the file decoded (JPEG: at the smallest DCT scale, 1/2 to 1/8, that keeps the box
+    larger than `size`, which is most of the speed), the box (top, left, h, w) resized bilinearly to
+    size x size and flipped, as uint8 (size, size, 3)."""
+    from PIL import Image
+
+    top, left, h, w = box
+    with Image.open(path) as img:
+        full_width, full_height = img.size
+        if img.format == "JPEG" and min(h, w) >= 2 * size:
+            reduce = min(h, w) / size  # draft keeps every side at least the requested one
+            img.draft("RGB", (math.ceil(img.width / reduce), math.ceil(img.height / reduce)))
+        kx, ky = full_width / img.width, full_height / img.height  # the box on the decoded grid
+        box = (left / kx, top / ky, min(img.width, (left + w) / kx), min(img.height, (top + h) / ky))
+        img = img.convert("RGB").resize((size, size), Image.BILINEAR, box=box)
+        if flip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return np.array(img)
+
+
+def decode_center(path, size, resize):
+    """An evaluation image: torchvision's Resize(resize) + CenterCrop(size) on the PIL image, uint8."""
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.array(TF.center_crop(TF.resize(img.convert("RGB"), resize), size))
+
+
+def read_image_sizes(paths, workers):
+    """(N, 2) int64 heights and widths from the files' headers (no decoding), in worker processes; one
+    line naming the first file that is not an image Pillow can open."""
+    loader = torch.utils.data.DataLoader(ImageHeaders(paths), batch_size=256, num_workers=workers,
+                                         collate_fn=list)
+    sizes = []
+    for chunk in loader:
+        for path, size in chunk:
+            if isinstance(size, str):
+                raise SystemExit(f"error: cannot read {path} ({size}); replace or delete it: a run does not "
+                                 "skip images")
+            sizes.append(size)
+    return torch.tensor(sizes, dtype=torch.long).view(-1, 2)
+
+
+class ImageHeaders(torch.utils.data.Dataset):
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        try:
+            with Image.open(self.paths[i]) as img:
+                if img.mode in ("I", "F") and img.format != "PNG":
+                    raise UnsupportedImage("32-bit pixels have no defined 8-bit scale")
+                return str(self.paths[i]), (img.height, img.width)
+        except Exception as error:
+            return str(self.paths[i]), unreadable_reason(Path(self.paths[i]), error)
+
+
+def load_streamed_folder(args, size, device):
+    """--dataset imagenet (DIR/train/<wnid>/, DIR/val/<wnid>/) or a folder streamed (--pipeline stream): the
+    files listed and their headers read before training, a fingerprint of their names, byte sizes and image
+    sizes."""
+    splits = ("train", "val") if args.dataset == "imagenet" else ("train", "test")
+    root = Path(args.data_dir).expanduser()
+    classes, listed = list_image_folder(root, splits)
+    workers = default_workers(args)
+    sizes = [read_image_sizes(paths, workers) for paths, _ in listed.values()]
+    digest = hashlib.sha1()
+    for (paths, labels), split_sizes in zip(listed.values(), sizes):
+        for path, label, (h, w) in zip(paths, labels, split_sizes.tolist()):
+            digest.update(f"{path.relative_to(root)}\t{label}\t{path.stat().st_size}\t{h}\t{w}\n".encode())
+    mean, std = IMAGENET_NORMALIZATION
+    eval_resize = args.eval_resize or round(size * 256 / 224)
+    return StreamedData(args.dataset, [(paths, labels) for paths, labels in listed.values()], sizes,
+                        len(classes), size, eval_resize, workers, args.crop_scale, args.crop_ratio, mean, std,
+                        device, digest.hexdigest()[:16])
+
+
+def default_workers(args):
+    """--workers, else the CPU cores this process may use, less one for the training process, at most 16."""
+    if args.workers is not None:
+        return args.workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's ranks on this machine share them
+    return max(0, min(16, cores // per_node - 1))
 
 
 # ------------------------------------------------------------------------------------------------- teachers
@@ -1550,8 +1989,9 @@ def teacher_path(args, data, name, epochs=STANDARD_TEACHER_EPOCHS, weights=None)
 
 def teacher_candidates(args, data):
     root = Path(args.checkpoint_dir)
-    paths = [teacher_path(args, data, args.teacher, args.teacher_epochs, args.teacher_weights)]
-    standard = args.teacher_epochs == STANDARD_TEACHER_EPOCHS and not args.teacher_weights
+    weights = getattr(args, "teacher_weights", None)
+    paths = [teacher_path(args, data, args.teacher, args.teacher_epochs, weights)]
+    standard = args.teacher_epochs == STANDARD_TEACHER_EPOCHS and not weights
     if args.dataset == "cifar100" and not args.train_subset and standard:
         paths += [root / f"{args.teacher}_vanilla" / "ckpt_epoch_240.pth",  # the public benchmark layout
                   root / "cifar_teachers" / f"{args.teacher}_vanilla" / "ckpt_epoch_240.pth"]
@@ -1561,7 +2001,7 @@ def teacher_candidates(args, data):
 def train_teacher(args, data, teacher, target):
     """Train a missing teacher with its family's standard recipe for --teacher-epochs into `target`: from
     scratch, or fine-tuned from torchvision's --teacher-weights with a new head."""
-    weights = args.teacher_weights
+    weights = getattr(args, "teacher_weights", None)
     how = f"fine-tuning torchvision's {weights} weights" if weights else "training it"
     log(f"no {args.teacher} teacher checkpoint of {args.teacher_epochs} epochs for {dataset_tag(args, data)} "
         f"(looked for {', '.join(map(str, teacher_candidates(args, data)))}); {how} first with the "
@@ -1569,15 +2009,17 @@ def train_teacher(args, data, teacher, target):
     recipe = make_recipe(args, model_family(args.teacher), epochs=args.teacher_epochs, use_overrides=False,
                          model_name=args.teacher)
     torch.manual_seed(args.seed)
-    device = data.train_x.device
+    device = data.device
     if weights:  # the seeded new head comes first, as in common.py --pretrained
-        teacher.load_state_dict(start_from_weights(args.teacher, torchvision_weights(args.teacher, weights)[0],
-                                                   data.num_classes, device).state_dict())
+        state = torchvision_weights(args.teacher, weights)[0]
+        initial = start_from_weights(args.teacher, state, data.num_classes, device)
+        teacher.load_state_dict(initial.state_dict())
     # A killed teacher run continues (resume=True); one of another start, length or seed has its own folder.
     start = f"-{weights}" if weights else ""
     run_dir = target.parent / f"{args.teacher}{start}_run_{args.teacher_epochs}ep_seed{args.seed}"
-    config = {"model": args.teacher, "epochs": args.teacher_epochs, "seed": args.seed, "dataset": args.dataset,
-              "train_subset": args.train_subset, **({"pretrained": weights} if weights else {})}
+    config = {"model": args.teacher, "epochs": args.teacher_epochs, "seed": args.seed,
+              "dataset": args.dataset, "train_subset": args.train_subset,
+              **({"pretrained": weights} if weights else {})}
     fit(teacher, data, run_dir, recipe, seed=args.seed, resume=True, fast=fast_paths(args, device),
         eval_every=args.eval_every, log_every=args.log_every, title=f"teacher {args.teacher}", config=config)
     on_rank_0(move_file, run_dir / "model.pth", target)  # all ranks trained it; rank 0 wrote it
@@ -1595,10 +2037,11 @@ def load_teacher(args, data):
     with --teacher-weights, torchvision's weights themselves for ImageNet's 1000 classes, fine-tuned from
     them (and cached) for other data. Its record (file, epochs, accuracy, data fingerprint, weights
     fingerprint) goes into summary.json."""
-    device = data.train_x.device
-    if args.teacher_weights and args.teacher_ckpt:
+    device = data.device
+    weights = getattr(args, "teacher_weights", None)
+    if weights and args.teacher_ckpt:
         raise SystemExit("error: --teacher-weights and --teacher-ckpt each give the teacher; pass one")
-    if args.teacher_weights and data.num_classes == 1000:
+    if weights and data.num_classes == 1000:
         return frozen_teacher(torchvision_teacher(args, data), args, device)
     teacher = build_model(args.teacher, data.num_classes, device)
     candidates = teacher_candidates(args, data)
@@ -1642,7 +2085,7 @@ def frozen_teacher(teacher, args, device):
 def torchvision_teacher(args, data):
     """--teacher-weights NAME on data of ImageNet's 1000 classes: torchvision's weights are the teacher."""
     state, record = torchvision_weights(args.teacher, args.teacher_weights)
-    teacher = start_from_weights(args.teacher, state, 1000, data.train_x.device)
+    teacher = start_from_weights(args.teacher, state, 1000, data.device)
     teacher.source = {"file": record["file"], "epochs": None, "accuracy": record["accuracy"], "data": None}
     log(f"teacher {args.teacher}: torchvision's {args.teacher_weights} weights (ImageNet top-1 "
         f"{record['accuracy']})")
@@ -1677,9 +2120,19 @@ def torchvision_weights(name, weights_name):
     return state, {"file": str(target), "accuracy": accuracy}
 
 
+def pretrained_weights(name, weights):
+    """--pretrained: torchvision's weights of that name, or a state_dict file (a bare one or the benchmark
+    format {'model': ...}). Returns (state_dict, {file, accuracy})."""
+    if Path(weights).expanduser().is_file():
+        state = torch.load(Path(weights).expanduser(), map_location="cpu", weights_only=True)
+        return state.get("model", state), {"file": str(weights), "accuracy": None}
+    return torchvision_weights(name, weights)
+
+
 def start_from_weights(name, state, num_classes, device):
-    """Model `name` with torchvision's ImageNet weights (strictly), its 1000-class Linear replaced by a fresh
-    one for num_classes other than 1000 (the fine-tuning start of the OFA/LFCC CIFAR protocol)."""
+    """Model `name` with ImageNet weights (strictly: torchvision's, or a file's), its 1000-class Linear
+    replaced by a fresh one for num_classes other than 1000 (the fine-tuning start of the OFA/LFCC CIFAR
+    protocol)."""
     from models.imagenet import replace_classifier
 
     model = create_model(name, 1000)
@@ -1704,8 +2157,10 @@ def main(argv=None):
     add_common_args(parser)
     parser.add_argument("--pretrained", nargs="?", const="IMAGENET1K_V1", metavar="WEIGHTS",
                         help="start a torchvision model (tv_*) from torchvision's weights of that name "
-                             "(IMAGENET1K_V1 when left out), with a new head for another class count; they "
-                             "are downloaded into TORCH_HOME when the network allows")
+                             "(IMAGENET1K_V1 when left out; downloaded into TORCH_HOME when the network "
+                             "allows), or any ImageNet model from a file of its 1000-class state_dict (e.g. "
+                             "timm's weights for a timm_* model, same keys); a new head for another class "
+                             "count")
     parser.add_argument("--save-as-teacher", action="store_true",
                         help="when done, also save the model where the method scripts look for a teacher of "
                              "this data: checkpoints/<data>/<model>.pth, or <model>_<E>ep.pth for --epochs E "
@@ -1713,17 +2168,20 @@ def main(argv=None):
                              "--pretrained W, <model>-<W>..., found by --teacher-weights W")
     args = parser.parse_args(argv)
     device, data = setup(args, "common", parser)
-    teacher_file = teacher_path(args, data, args.model, args.epochs, args.pretrained)
+    start = args.pretrained and (Path(args.pretrained).stem if Path(args.pretrained).expanduser().is_file()
+                                 else args.pretrained)  # what the teacher's file name says it started from
+    teacher_file = teacher_path(args, data, args.model, args.epochs, start)
     if args.save_as_teacher:
         if teacher_file.exists() and not args.overwrite:
             raise SystemExit(f"error: {teacher_file} exists; move it away first, or add --overwrite to "
                              "replace it")
         ensure_writable(teacher_file.parent, "--checkpoint-dir")
     if args.pretrained:
-        state, record = torchvision_weights(args.model, args.pretrained)
+        state, record = pretrained_weights(args.model, args.pretrained)
         model = start_from_weights(args.model, state, data.num_classes, device)
-        log(f"{args.model} starts from torchvision's {args.pretrained} weights (ImageNet top-1 "
-            f"{record['accuracy']}){', a new head' if data.num_classes != 1000 else ''}")
+        source = (f"torchvision's {args.pretrained} weights (ImageNet top-1 {record['accuracy']})"
+                  if record["accuracy"] is not None else record["file"])
+        log(f"{args.model} starts from {source}{', a new head' if data.num_classes != 1000 else ''}")
         if args.sync_bn and world_size() > 1:
             synchronise_batchnorm(model)
     else:

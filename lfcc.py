@@ -367,7 +367,7 @@ def distill(args, data, teacher, student):
     model.pth holds the student alone."""
     low_pass = make_filter(args)
     space = make_compact_space(student, teacher, args.stages, low_pass, args.proj_dim, args.reduce_channels,
-                               data.image_size).to(data.train_x.device)
+                               data.image_size).to(data.device)
     recipe = common.make_recipe(args, models.model_family(student.arch), model_name=student.arch)
     filtered = "no low-pass (full resolution)" if args.no_lowpass else f"low-pass scales {args.scales}"
     per_scale = ", one alignment per scale" if args.per_scale and not args.no_lowpass else ""

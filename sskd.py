@@ -182,7 +182,7 @@ def make_head_loss_fn(student, finetune_all, label_smoothing):
 def train_backbone(args, data, student, teacher, trained, epochs, out_dir):
     """Phase A for the 0-based stages in `trained`: [k] for stage k alone, all of them with --joint.
     Returns fit's summary; the adapters are local to this call and are dropped with it."""
-    device = data.train_x.device
+    device = data.device
     stages = student.stages()
     size = data.image_size
     shapes = list(zip(models.feature_shapes(student, size), models.feature_shapes(teacher, size)))
@@ -231,8 +231,9 @@ def train_head(args, data, student, epochs, out_dir, teacher=None):
 
 def phase_plan(args, num_stages):
     """([(name, the 0-based stages it trains, epochs)] of phase A in the order they run, phase B's epochs)."""
-    head_epochs = args.head_epochs or max(1, args.epochs // 10)
-    stage_epochs = args.stage_epochs or max(1, (args.epochs - head_epochs) // num_stages)
+    epochs = common.run_epochs(args)
+    head_epochs = args.head_epochs or max(1, epochs // 10)
+    stage_epochs = args.stage_epochs or max(1, (epochs - head_epochs) // num_stages)
     if args.joint:
         return [("joint", list(range(num_stages)), num_stages * stage_epochs)], head_epochs
     return [(f"stage{k + 1}", [k], stage_epochs) for k in range(num_stages)], head_epochs

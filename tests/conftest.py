@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,7 +69,7 @@ def train_steps(model, train_modules, loss_fn, batches, lr=0.05, progress=lambda
     eval mode and `train_modules` in train mode (a frozen teacher, not among them, stays in eval mode), one
     step per (x, y) of `batches` at `progress(step)`. Returns (optimizer, the logged terms of each step)."""
     cpu = torch.device("cpu")
-    recipe = {**common.RECIPES["cnn"], "lr": lr, "grad_clip": 0.0}
+    recipe = {**common.RECIPES["cifar"]["cnn"], "lr": lr, "grad_clip": 0.0}
     fast = common.fast_paths(make_args("--amp", "off", "--no-channels-last"), cpu)
     optimizer, step = common.prepare_training(model, train_modules, loss_fn, recipe, fast, cpu)
     model.eval()
@@ -231,3 +232,21 @@ def finished_runs(workdir):
 
 def read_summary(folder):
     return json.loads((Path(folder) / "summary.json").read_text())
+
+
+def make_imagenet_folder(root, train_per_class, val_per_class, classes=("n01440764", "n01443537", "n01484850")):
+    """root/train/<wnid>/*.JPEG and root/val/<wnid>/*.JPEG: 40-300 px a side, portrait, landscape and square,
+    smooth colour fields, each class with its own saturated channel (learnable). Returns root."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for c, wnid in enumerate(classes):
+            folder = root / split / wnid
+            folder.mkdir(parents=True)
+            for i in range(n):
+                h, w = (int(v) for v in rng.integers(40, 300, 2))
+                field = rng.integers(0, 256, (5, 5, 3)).astype(np.uint8)
+                field[..., c % 3] = 255
+                Image.fromarray(field).resize((w, h), Image.BICUBIC).save(folder / f"{wnid}_{i}.JPEG", quality=90)
+    return root

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 import blockwise_kd as bkd
 import common
 import lfcc
-from conftest import ROOT, TINY, data_slice, frozen, make_args, read_summary, tiny_model
+from conftest import ROOT, TINY, data_slice, frozen, make_args, make_imagenet_folder, read_summary, tiny_model
 
 WORLD = 2
 KD = ["--stones", "none", "--gamma", 0, "--alpha", 0.1, "--beta", 0.9]
@@ -68,7 +68,7 @@ def gathered_info_nce(z_student, z_teacher):
     return loss.detach(), accuracy, z_s.grad, z_t.grad
 
 
-def worker(rank, data, folder, z_student, z_teacher):
+def worker(rank, data, folder, z_student, z_teacher, streamed):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=WORLD)
     results = {"info_nce": gathered_info_nce(z_student, z_teacher)}
@@ -79,6 +79,7 @@ def worker(rank, data, folder, z_student, z_teacher):
     results["kd_without_ddp"] = train("kd", data, folder / "kd_without_ddp")
     common.distributed_loss = real_distributed_loss
     results["resumed_on_2"] = train("kd", data, folder / "killed_on_1", "--resume")
+    results["kd_streamed"] = train("kd", streamed, folder / "kd_streamed")
     train("kd", data, folder / "killed_on_2", kill_in_epoch_2=True)
     torch.save(results, folder / f"results{rank}.pt")
     dist.destroy_process_group()
@@ -91,12 +92,17 @@ def runs(synthetic_data, tmp_path_factory):
     folder = tmp_path_factory.mktemp("distributed")
     data = data_slice(synthetic_data, 99, 50)
     single = {case: train(case, data, folder / f"single_{case}") for case in CASES}
+    # The streamed pipeline: 99 JPEGs of several sizes, decoded in the training process, at 32 px.
+    images = make_imagenet_folder(folder / "imagenet", 33, 4)
+    streamed = common.load_data(make_args("--dataset", "imagenet", "--data-dir", images, "--image-size", 32,
+                                          "--workers", 0), torch.device("cpu"))
+    single["kd_streamed"] = train("kd", streamed, folder / "single_kd_streamed")
     train("kd", data, folder / "killed_on_1", kill_in_epoch_2=True)  # for the 2 ranks to resume
     common._locked_dirs.pop((folder / "killed_on_1").resolve()).close()  # as if this process had ended
     g = torch.Generator().manual_seed(0)
     z_student = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=1)
     z_teacher = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=1)
-    mp.spawn(worker, args=(data, folder, z_student, z_teacher), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(data, folder, z_student, z_teacher, streamed), nprocs=WORLD, join=True)
     ranks = [torch.load(folder / f"results{r}.pt", weights_only=True) for r in range(WORLD)]
     return single, ranks, (z_student, z_teacher), folder, data
 
@@ -105,7 +111,7 @@ def largest_difference(a, b):
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-@pytest.mark.parametrize("case", ["kd", "blockkd", "lfcc"])
+@pytest.mark.parametrize("case", ["kd", "blockkd", "lfcc", "kd_streamed"])
 def test_two_ranks_train_as_one_process(case, runs):
     single, ranks, _, folder, _ = runs
     assert largest_difference(ranks[0][case], ranks[1][case]) == 0  # DDP keeps the replicas identical

@@ -188,7 +188,7 @@ def test_weights_in_torch_home_load_strictly_and_get_a_new_head(torch_home, synt
     # As a teacher of ImageNet's 1000 classes: the weights themselves, frozen.
     args = make_args("--teacher", "tv_resnet18", "--teacher-weights", "IMAGENET1K_V1",
                      method_args=bkd.add_args)
-    imagenet_data = argparse.Namespace(num_classes=1000, train_x=torch.zeros(1, 3, 64, 64))
+    imagenet_data = argparse.Namespace(num_classes=1000, device=torch.device("cpu"))
     teacher = common.load_teacher(args, imagenet_data)
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert common.teacher_record(teacher)["accuracy"] == 69.758
@@ -217,3 +217,15 @@ def test_a_teacher_fine_tuned_from_torchvision_weights_is_that_of_common_py_and_
     from_scratch = make_args("--teacher", "tv_resnet18", "--teacher-epochs", 1, *data_flags,
                              method_args=bkd.add_args)
     assert common.teacher_candidates(from_scratch, data)[0].name == "tv_resnet18_1ep.pth"
+
+
+def test_pretrained_takes_a_state_dict_file_with_the_models_keys(tmp_path, monkeypatch):
+    """timm's weights (or any ImageNet checkpoint) in a file: loaded strictly, then a new head."""
+    torch.manual_seed(4)
+    imagenet = models.create_model("mdistiller_mobilenetv1", 1000).state_dict()
+    torch.save(imagenet, tmp_path / "mobilenetv1_imagenet.pth")
+    state, record = common.pretrained_weights("mdistiller_mobilenetv1", str(tmp_path / "mobilenetv1_imagenet.pth"))
+    model = common.start_from_weights("mdistiller_mobilenetv1", state, 10, torch.device("cpu"))
+    head = models.classifier(model)
+    assert head.out_features == 10 and record["accuracy"] is None
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in imagenet.items() if v.shape[:1] != (1000,))

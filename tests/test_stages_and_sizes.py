@@ -87,9 +87,9 @@ def test_a_model_of_one_size_refuses_another_and_pairs_of_two_sizes_need_the_fla
     assert common.dataset_tag(make_args("--dataset", "synthetic"), data) == "synthetic-64px"  # its own teachers
 
 
-def test_cifar_is_not_resized():
-    with pytest.raises(SystemExit, match="--dataset cifar100 is 32x32 and is not resized here"):
-        common.load_data(make_args("--image-size", 64), torch.device("cpu"))
+def test_cifar_is_kept_at_32():
+    with pytest.raises(SystemExit, match="--dataset cifar100 is kept at its own 32x32 .* drop --store-size 64"):
+        common.load_data(make_args("--image-size", 64, "--store-size", 64), torch.device("cpu"))
 
 
 # -------------------------------------------------------------------------------------- stage counts

@@ -1,0 +1,123 @@
+"""The images kept small on the device and upsampled batch by batch there (CIFAR at 224, --store-size):
+torchvision's RandomResizedCrop drawn for every sample at once (resized_crop_boxes) and applied in two
+gathers (resized_crops): exact values against F.interpolate of each crop, boxes within bounds and with
+torchvision's distribution, one crop per sample, deterministic in (seed, epoch), sharded like the rest."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+
+import common
+from conftest import TINY, make_args, refused, run
+
+
+def test_resized_crops_equal_bilinear_interpolation_of_each_crop():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 24, 32), dtype=torch.uint8, generator=g)  # not square
+    boxes = common.resized_crop_boxes(16, 24, 32, (0.08, 1), (3 / 4, 4 / 3), g)
+    out = common.resized_crops(images, boxes, 56)
+    assert out.shape == (16, 3, 56, 56) and out.dtype == torch.float32
+    for image, (top, left, h, w), crop in zip(images, boxes.tolist(), out):
+        expected = F.interpolate(image[None, :, top:top + h, left:left + w].float(), size=56, mode="bilinear",
+                                 align_corners=False)[0]
+        torch.testing.assert_close(crop, expected, atol=1e-3, rtol=0)
+    # The whole image as its box is a plain resize; a 1x1 box is that pixel everywhere.
+    whole = torch.tensor([[0, 0, 24, 32]])
+    torch.testing.assert_close(common.resized_crops(images[:1], whole, 56),
+                               F.interpolate(images[:1].float(), size=56, mode="bilinear"), atol=1e-3, rtol=0)
+    pixel = common.resized_crops(images[:1], torch.tensor([[5, 7, 1, 1]]), 8)
+    assert torch.equal(pixel, images[:1, :, 5:6, 7:8].float().expand(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("height, width", [(32, 32), (20, 50)])
+def test_crop_boxes_stay_within_the_image_and_follow_the_scale_and_ratio_bounds(height, width):
+    scale, ratio = (0.2, 0.6), (0.5, 2.0)
+    boxes = common.resized_crop_boxes(20000, height, width, scale, ratio, torch.Generator().manual_seed(1))
+    top, left, h, w = boxes.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
+    assert (h >= 1).all() and (w >= 1).all()
+    # Rounding h and w to pixels moves the area and the ratio by at most about half a pixel per side. The
+    # fallback, where none of ten tries fits (often on 20x50: a tall crop is rarely short enough), is
+    # torchvision's whole-image one: here 40x20, centred.
+    fallback = torch.tensor([0, 5, 20, 40]) if width > height else torch.tensor([0, 0, 32, 32])
+    drawn = ~(boxes == fallback).all(1)
+    assert drawn.float().mean() > 0.5
+    h, w = h[drawn], w[drawn]
+    area, aspect = (h * w).float() / (height * width), w.float() / h.float()
+    slack = 1 / min(h.min().item(), w.min().item())
+    assert area.min() >= scale[0] * (1 - slack) ** 2 and area.max() <= scale[1] * (1 + slack) ** 2
+    assert aspect.min() >= ratio[0] * (1 - slack) / (1 + slack) and aspect.max() <= ratio[1] * (1 + slack) / (1 - slack)
+
+
+def test_crop_boxes_have_the_distribution_of_torchvisions_random_resized_crop():
+    n = 20000
+    ours = common.resized_crop_boxes(n, 32, 32, (0.08, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(2))
+    torch.manual_seed(3)
+    theirs = torch.tensor([T.RandomResizedCrop.get_params(torch.zeros(3, 32, 32), [0.08, 1.0], [3 / 4, 4 / 3])
+                           for _ in range(n)])
+    def readings(boxes):  # per box: area fraction, log aspect ratio, top, left, whole-height crop
+        top, left, h, w = boxes.double().T
+        return torch.stack([h * w / 1024, (w / h).log(), top, left, (h == 32).double()], 1)
+    a, b = readings(ours), readings(theirs)
+    standard_error = ((a.var(0) + b.var(0)) / n).sqrt()
+    assert ((a.mean(0) - b.mean(0)).abs() < 4 * standard_error).all(), (a.mean(0), b.mean(0))
+    assert ((a.std(0) - b.std(0)).abs() < 0.03 * b.std(0) + 1e-9).all(), (a.std(0), b.std(0))
+
+
+def test_a_box_that_never_fits_falls_back_to_torchvisions_centred_crop():
+    boxes = common.resized_crop_boxes(5, 32, 32, (0.99, 1.0), (3.0, 4.0), torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    expected = T.RandomResizedCrop.get_params(torch.zeros(3, 32, 32), [0.99, 1.0], [3.0, 4.0])
+    assert boxes.tolist() == [list(expected)] * 5 == [[10, 0, 11, 32]] * 5
+
+
+def upsampled_data(image_size=64, same_image=False):
+    data = common.load_data(make_args(*TINY, "--image-size", image_size, "--store-size", 32), torch.device("cpu"))
+    if same_image:  # every sample one image: what differs in a batch is its own crop and flip
+        data.train_x = data.train_x[:1].expand_as(data.train_x).contiguous()
+    return data
+
+
+def test_every_sample_gets_its_own_crop_deterministic_in_seed_and_epoch():
+    data = upsampled_data(same_image=True)
+    assert (data.stored_size, data.image_size, data.augment) == (32, 64, "resized-crop")
+    x, y = next(common.train_batches(data, 50, seed=0, epoch=0))
+    assert x.shape == (50, 3, 64, 64)
+    assert len({tuple(sample.flatten().tolist()) for sample in x}) == 50  # 50 crops, not one per batch
+    again = list(common.train_batches(data, 50, seed=0, epoch=0))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(again, common.train_batches(data, 50, seed=0, epoch=0)))
+    other = next(common.train_batches(data, 50, seed=0, epoch=1))[0]
+    assert not torch.equal(other, again[0][0])
+    # Under torchrun each rank takes its part of each global batch: together, the single-process batch.
+    parts = [next(common.train_batches(data, 50, seed=0, epoch=0, shard=(r, 3)))[0] for r in range(3)]
+    assert torch.equal(torch.cat(parts), again[0][0])
+
+
+def test_test_images_are_resized_whole():
+    data = upsampled_data()
+    x, y = next(common.test_batches(data, batch_size=10))
+    expected = data.normalize(F.interpolate(data.test_x[:10].float(), size=64, mode="bilinear"))
+    torch.testing.assert_close(x, expected)
+
+
+def test_bad_size_and_crop_flags_are_refused(monkeypatch, capsys):
+    script = common.main
+    cases = {("--image-size", 32, "--store-size", 64): "--store-size 64 is larger than the image size 32",
+             ("--image-size", 64, "--store-size", 32, "--augment", "pad-crop"):
+                 "--augment pad-crop crops at the size the images are kept at (32), not at --image-size 64",
+             ("--crop-scale", 0.5, 0.1): "--crop-scale 0.5 0.1: MIN is above MAX"}
+    for flags, message in cases.items():
+        assert message in refused(monkeypatch, capsys, script, "--model", "resnet8", *TINY, *flags)
+    with pytest.raises(SystemExit) as stop:
+        script(["--model", "resnet8", *map(str, TINY), "--crop-scale", "0", "1"])
+    assert stop.value.code == 2 and "--crop-scale: must be a number in (0, 1], not '0'" in capsys.readouterr().err
+
+
+def test_a_run_kept_at_32_and_trained_at_48(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    run(monkeypatch, common.main, "--model", "resnet8", *TINY, "--image-size", 48, "--store-size", 32,
+        "--epochs", 1, "--out-dir", "run")
+    assert "kept at 32px, resized-crop to 48px on the device" in capsys.readouterr().out
+    assert (tmp_path / "run" / "model.pth").exists()
