@@ -7,7 +7,7 @@ Run alone it trains one model with the standard recipe (teachers and the plain-s
     python common.py --model resnet8 --dataset folder --data-dir ~/data/cifar10 --train-subset 5000 \\
         --epochs 20
     python common.py --model tv_swin_t --pretrained --dataset cifar100 --image-size 224 --epochs 30 \\
-        --save-as-teacher                                   # an ImageNet teacher fine-tuned (OFA-KD's protocol)
+        --save-as-teacher                              # an ImageNet teacher fine-tuned (OFA-KD's protocol)
 
 Where to look: the training step is `make_train_step` (forward and loss, backward, clipping, optimizer
 step), the loop is `fit`, right below it; a method calls `fit` with its loss_fn, train_modules and eval_fn.
@@ -17,9 +17,10 @@ normalisation run batched there, driven by a generator seeded with (seed, epoch)
 are the same whether a run was resumed or not. Images kept smaller than the models' input (CIFAR at 224)
 get a RandomResizedCrop per sample there (resized_crop_boxes, resized_crops). ImageNet, and folders too
 large for the device, are streamed (StreamedData): worker processes decode and crop each epoch's plan,
-drawn from (seed, epoch) in the main process, so the batches do not depend on the number of workers. Training: evaluation every epoch (or every `--eval-every`);
-`metrics.jsonl`, `summary.json`, a resumable `checkpoint.pt` written atomically every epoch, and the final
-model in the benchmark format `{'model': state_dict, 'epoch', 'accuracy'}` as `model.pth`.
+drawn from (seed, epoch) in the main process, so the batches do not depend on the number of workers.
+Training: evaluation every epoch (or every `--eval-every`); `metrics.jsonl`, `summary.json`, a resumable
+`checkpoint.pt` written atomically every epoch, and the final model in the benchmark format
+`{'model': state_dict, 'epoch', 'accuracy'}` as `model.pth`.
 
 Fast paths, decided in one place (`fast_paths`) and named in every run's first log line: `--amp bf16|off`
 (bf16 autocast; default bf16 on CUDA, off on CPU), `--channels-last` (default on),
@@ -435,8 +436,8 @@ RECIPES = {
     },
     "ofa": {
         "cnn": dict(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=2e-3, batch_size=128, epochs=300,
-                    schedule="cosine", milestone_fractions=(0.625, 0.75, 0.875), lr_decay=0.1, warmup_epochs=0,
-                    label_smoothing=0.0),
+                    schedule="cosine", milestone_fractions=(0.625, 0.75, 0.875), lr_decay=0.1,
+                    warmup_epochs=0, label_smoothing=0.0),
         "token": dict(optimizer="adamw", lr=5e-4, momentum=0.9, weight_decay=0.05, batch_size=128, epochs=300,
                       schedule="cosine", milestone_fractions=(0.625, 0.75, 0.875), lr_decay=0.1,
                       warmup_epochs=20, label_smoothing=0.1),
@@ -469,8 +470,9 @@ def make_recipe(args, family, epochs=None, use_overrides=True, model_name=None):
     from models.DEFAULT_LR (the cifar setting), and the recipe flags given on the command line on top
     (unless use_overrides is False).
 
-    The milestones and a row's warm-up scale with the epochs. Milestones are rounded and distinct: a milestone that rounds onto another is dropped, so no epoch decays
-    twice (5 epochs give [3, 4], not [3, 4, 4], which ran the last epoch at lr x 0.001)."""
+    The milestones and a row's warm-up scale with the epochs. Milestones are rounded and distinct: a
+    milestone that rounds onto another is dropped, so no epoch decays twice (5 epochs give [3, 4], not
+    [3, 4, 4], which ran the last epoch at lr x 0.001)."""
     setting = recipe_setting(args)
     recipe = dict(RECIPES[setting][family])
     fractions, row_epochs = recipe.pop("milestone_fractions"), recipe["epochs"]
@@ -1615,7 +1617,8 @@ def check_batch_split(args, data, script, teacher_missing):
     if world == 1:
         return
     student = args.model if script == "common" else args.student
-    batches = [("--batch-size", args.batch_size or RECIPES[recipe_setting(args)][model_family(student)]["batch_size"])]
+    recipe_batch = RECIPES[recipe_setting(args)][model_family(student)]["batch_size"]
+    batches = [("--batch-size", args.batch_size or recipe_batch)]
     if teacher_missing:
         batches.append(("the teacher's batch", RECIPES[model_family(args.teacher)]["batch_size"]))
     for what, batch in batches:
@@ -1833,10 +1836,11 @@ class StreamedData:
         return [rows[slice(*shard_bounds(start, min(start + batch_size, n), *shard))]
                 for start in range(0, n, batch_size)]
 
-    def batches(self, plan, labels, channels_last):
-        transform = ("train", self.image_size) if labels is self.train_y else \
-            ("test", self.image_size, self.eval_resize)
-        paths = self.train_paths if labels is self.train_y else self.test_paths
+    def batches(self, split, plan, channels_last):
+        """The plan's batches of `split` ("train" or "test"), decoded by the workers, on the device."""
+        train = split == "train"
+        transform = ("train", self.image_size) if train else ("test", self.image_size, self.eval_resize)
+        paths, labels = (self.train_paths, self.train_y) if train else (self.test_paths, self.test_y)
         loader = torch.utils.data.DataLoader(
             DecodedImages(paths, transform), batch_sampler=plan, num_workers=self.workers,
             collate_fn=collate_decoded, pin_memory=self.device.type == "cuda")
@@ -1849,12 +1853,11 @@ class StreamedData:
             yield (x.contiguous(memory_format=torch.channels_last) if channels_last else x), labels[index]
 
     def train_batches(self, batch_size, seed, epoch, channels_last=False, shard=(0, 1)):
-        return self.batches(self.train_plan(batch_size, seed, epoch, shard), self.train_y, channels_last)
+        return self.batches("train", self.train_plan(batch_size, seed, epoch, shard), channels_last)
 
     def test_batches(self, batch_size=500, channels_last=False, shard=(0, 1)):
-        plan = [[(i,) for i in range(lo, hi)] for lo, hi in test_batch_bounds(len(self.test_y), batch_size,
-                                                                                shard)]
-        return self.batches(plan, self.test_y, channels_last)
+        bounds = test_batch_bounds(len(self.test_y), batch_size, shard)
+        return self.batches("test", [[(i,) for i in range(lo, hi)] for lo, hi in bounds], channels_last)
 
 
 class DecodedImages(torch.utils.data.Dataset):

@@ -3,6 +3,7 @@ each pair for real (CPU is enough).
 
     python benchmarks/imagenet_pairs.py                  # the tables: models, parameters per pair, one step
     python benchmarks/imagenet_pairs.py --two-epochs     # also 2 epochs of each script on the 64-px pairs
+    python benchmarks/imagenet_pairs.py --bn-check       # why those runs' losses are large (ResNet teachers)
 
 1. The models: parameters (1000 classes) and stage output shapes at 224 px.
 2. The pairs: the student's parameters and what each method adds for training at 224 px, 1000 classes
@@ -10,7 +11,11 @@ each pair for real (CPU is enough).
 3. One training step of each method on each pair, built as benchmarks/throughput.py builds it (the method
    scripts' own functions): at 64 px where both models allow it, else 224 (the ViTs, DeiTs and Mixer), batch
    4, random images: the loss is finite, the frozen teacher unchanged, the student changed; the step's time.
-4. With --two-epochs: `blockwise_kd.py`, `sskd.py` and `lfcc.py` for 2 epochs on 100 synthetic images at 64
+4. With --bn-check: why the 2-epoch runs' losses are large with ResNet teachers: a teacher trained for 2
+   SGD steps (as theirs) has BatchNorm running statistics far from its activations, so its eval-mode logits
+   (running statistics) are much larger than its train-mode ones (batch statistics); a LayerNorm teacher's
+   are not.
+5. With --two-epochs: `blockwise_kd.py`, `sskd.py` and `lfcc.py` for 2 epochs on 100 synthetic images at 64
    px for the pairs that allow it (a teacher trained first for 1 epoch): each run ends with a finite loss
    and a student other than its initialisation.
 """
@@ -139,15 +144,39 @@ def two_epochs():
                 print(f"| {teacher} -> {student} | {script} | {loss:.4g} | {moved} |", flush=True)
 
 
+def bn_check():
+    """Logit std of a 2-step-trained teacher (batch 50, 64 px, the CNN recipe's SGD) in eval and train mode."""
+    print("\n| teacher after 2 SGD steps | logit std, eval mode | logit std, train mode |\n|---|---|---|")
+    torch.manual_seed(0)
+    x, y = torch.randn(50, 3, 64, 64), torch.randint(0, 10, (50,))
+    for name in ("tv_resnet34", "tv_swin_t"):
+        model = models.create_model(name, 10)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        model.train()
+        for _ in range(2):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            eval_std = model.eval()(x).std().item()
+            train_std = model.train()(x).std().item()
+        print(f"| {name} | {eval_std:.3g} | {train_std:.3g} |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--two-epochs", action="store_true", help="also run each script for 2 epochs (64 px)")
+    parser.add_argument("--bn-check", action="store_true",
+                        help="only the eval/train-mode logits of a 2-step-trained teacher")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads", flush=True)
+    if args.bn_check:
+        return bn_check()
     model_table()
     pairs_table()
     if args.two_epochs:
