@@ -15,12 +15,12 @@ step), the loop is `fit`, right below it; a method calls `fit` with its loss_fn,
 Data: the whole dataset is a uint8 tensor on the training device; crop (4-pixel zero padding), flip and
 normalisation run batched there, driven by a generator seeded with (seed, epoch), so an epoch's batches
 are the same whether a run was resumed or not. Images kept smaller than the models' input (CIFAR at 224)
-get a RandomResizedCrop per sample there (resized_crop_boxes, resized_crops). ImageNet, and folders too
-large for the device, are streamed (StreamedData): worker processes decode and crop each epoch's plan,
-drawn from (seed, epoch) in the main process, so the batches do not depend on the number of workers.
-Training: evaluation every epoch (or every `--eval-every`); `metrics.jsonl`, `summary.json`, a resumable
-`checkpoint.pt` written atomically every epoch, and the final model in the benchmark format
-`{'model': state_dict, 'epoch', 'accuracy'}` as `model.pth`.
+get a RandomResizedCrop per sample there (resized_crop_boxes; resized_crops, two matrix products).
+ImageNet, and folders too large for the device, are streamed (StreamedData): worker processes decode and
+crop each epoch's plan, drawn from (seed, epoch) in the main process, so the batches do not depend on the
+number of workers. Training: evaluation every epoch (or every `--eval-every`); `metrics.jsonl`,
+`summary.json`, a resumable `checkpoint.pt` written atomically every epoch, and the final model in the
+benchmark format `{'model': state_dict, 'epoch', 'accuracy'}` as `model.pth`.
 
 Fast paths, decided in one place (`fast_paths`) and named in every run's first log line: `--amp bf16|off`
 (bf16 autocast; default bf16 on CUDA, off on CPU), `--channels-last` (default on),
@@ -50,6 +50,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -300,9 +301,9 @@ def train_batches(data, batch_size, seed, epoch, channels_last=False, shard=(0, 
         for start in range(0, n, batch_size):
             lo, hi = shard_bounds(start, min(start + batch_size, n), *shard)
             idx = order[lo:hi]
-            x = resized_crops(data.train_x[idx], boxes[lo:hi], size)
-            x = data.normalize(torch.where(flips[lo:hi, None, None, None], x.flip(3), x))
-            yield (x.contiguous(memory_format=torch.channels_last) if channels_last else x), data.train_y[idx]
+            x = data.normalize(data.train_x[idx])  # on the small images: see resized_crops
+            x = resized_crops(x, boxes[lo:hi], size, flips[lo:hi], channels_last)
+            yield x, data.train_y[idx]
         return
     offsets = torch.randint(0, 9, (n, 2), generator=g).to(data.device)
     flips = (torch.rand(n, generator=g) < 0.5).to(data.device)
@@ -369,29 +370,41 @@ def resized_crop_boxes(n, height, width, scale, ratio, generator):
     return torch.where(fits.any(1, keepdim=True), boxes, fallback).long()
 
 
-def resized_crops(images, boxes, size):
-    """Each image's box (top, left, h, w) resized to size x size, bilinearly: for every image what
-    F.interpolate(crop, size, mode="bilinear", align_corners=False) gives for its crop (no antialiasing; the
-    crops are upsampled), as float pixels in 0..255. Separable: two gathers and two lerps per batch."""
+def resized_crops(images, boxes, size, flips=None, channels_last=False):
+    """Each image's box (top, left, h, w) resized to size x size, bilinearly, and mirrored where `flips`:
+    for every image what F.interpolate(crop, size, mode="bilinear", align_corners=False) gives for its crop
+    (no antialiasing; the crops are upsampled), in float. Separable, as two batched matrix products: rows
+    R (size x H) and columns C (size x W), two non-zero weights per row, out = R @ image @ C^T, the columns
+    first (on the small image), the rows last, straight into the output's memory format (no copy of the
+    large output). Every row of R and C sums to 1, so normalising the small images first normalises the
+    output."""
     n, c, height, width = images.shape
-    ramp = torch.arange(size, device=images.device, dtype=torch.float32) + 0.5
-
-    def taps(start, length):  # each output pixel's two source pixels and the second one's weight
-        source = (ramp * (length[:, None].float() / size) - 0.5).clamp(min=0)
-        low = source.floor()
-        weight = source - low
-        low = low.long()
-        high = torch.minimum(low + 1, length[:, None] - 1)
-        return start[:, None] + low, start[:, None] + high, weight
-
     top, left, h, w = boxes.unbind(1)
-    row_a, row_b, row_weight = taps(top, h)
-    col_a, col_b, col_weight = taps(left, w)
-    x = images.float()
-    rows = lambda index: x.gather(2, index[:, None, :, None].expand(n, c, size, width))
-    x = torch.lerp(rows(row_a), rows(row_b), row_weight[:, None, :, None])
-    cols = lambda index: x.gather(3, index[:, None, None, :].expand(n, c, size, size))
-    return torch.lerp(cols(col_a), cols(col_b), col_weight[:, None, None, :])
+    rows = interpolation_matrix(top, h, height, size)
+    cols = interpolation_matrix(left, w, width, size)
+    if flips is not None:
+        cols = torch.where(flips[:, None, None], cols.flip(1), cols)
+    narrow = torch.bmm(images.float().reshape(n, c * height, width), cols.transpose(1, 2))  # (n, c*H, size)
+    if channels_last:  # (n, H, size*c) rows last: the output as (n, size, size, c)
+        narrow = narrow.view(n, c, height, size).permute(0, 2, 3, 1).reshape(n, height, size * c)
+        return torch.bmm(rows, narrow).view(n, size, size, c).permute(0, 3, 1, 2)
+    narrow = narrow.view(n * c, height, size)
+    rows = rows[:, None].expand(n, c, size, height).reshape(n * c, size, height)
+    return torch.bmm(rows, narrow).view(n, c, size, size)
+
+
+def interpolation_matrix(start, length, extent, size):
+    """(n, size, extent) weights of bilinear interpolation (align_corners=False, PyTorch's rule) from the
+    pixels [start, start + length) of each image to `size` output pixels."""
+    ramp = torch.arange(size, device=start.device, dtype=torch.float32) + 0.5
+    source = (ramp * (length[:, None].float() / size) - 0.5).clamp(min=0)
+    low = source.floor()
+    weight = (source - low)[..., None]
+    low = low.long()
+    high = torch.minimum(low + 1, length[:, None] - 1)
+    taps = torch.arange(extent, device=start.device)
+    return ((start[:, None] + low)[..., None] == taps) * (1 - weight) + \
+        ((start[:, None] + high)[..., None] == taps) * weight
 
 
 def shard_bounds(start, stop, rank, world):
@@ -1655,7 +1668,8 @@ class UnsupportedImage(ValueError):
 
 
 def read_image(path, size=32):
-    """One image file as an RGB size x size uint8 array (H, W, 3). 16-bit greyscale is scaled to 8 bits
+    """One image file as an RGB size x size uint8 array (H, W, 3) (size None: its own). 16-bit greyscale is
+    scaled to 8 bits
     (Pillow's convert('RGB') clips it: a 46 % grey would become white); 32-bit integer or float pixels are
     refused."""
     from PIL import Image  # torchvision depends on Pillow
@@ -1670,7 +1684,7 @@ def read_image(path, size=32):
             raise UnsupportedImage(f"32-bit {'integer' if img.mode == 'I' else 'float'} pixels have no "
                                    "defined 8-bit scale; save it with 8 or 16 bits per channel")
         img = img.convert("RGB")
-        if img.size != (size, size):
+        if size is not None and img.size != (size, size):
             img = img.resize((size, size), Image.BILINEAR)
         return np.asarray(img)
 
@@ -1843,14 +1857,21 @@ class StreamedData:
         paths, labels = (self.train_paths, self.train_y) if train else (self.test_paths, self.test_y)
         loader = torch.utils.data.DataLoader(
             DecodedImages(paths, transform), batch_sampler=plan, num_workers=self.workers,
-            collate_fn=collate_decoded, pin_memory=self.device.type == "cuda")
-        for (x, failed), rows in zip(loader, plan):
-            if failed:
-                raise SystemExit(f"error: cannot read {failed}; replace or delete it: a run does not skip "
-                                 "images")
-            x = self.normalize(x.to(self.device, non_blocking=True))
-            index = torch.tensor([row[0] for row in rows], device=labels.device)
-            yield (x.contiguous(memory_format=torch.channels_last) if channels_last else x), labels[index]
+            collate_fn=collate_decoded, pin_memory=self.device.type == "cuda",
+            worker_init_fn=leave_stops_to_main)
+        with stop_signals_held():
+            decoded = iter(loader)  # starts the workers
+        try:
+            for rows in plan:
+                x, failed = next(decoded)
+                if failed:
+                    raise SystemExit(f"error: cannot read {failed}; replace or delete it: a run does not "
+                                     "skip images")
+                x = self.normalize(x.to(self.device, non_blocking=True))
+                index = torch.tensor([row[0] for row in rows], device=labels.device)
+                yield (x.contiguous(memory_format=torch.channels_last) if channels_last else x), labels[index]
+        finally:  # the workers stop now, also when the loop does early (a stop signal, an error)
+            getattr(decoded, "_shutdown_workers", lambda: None)()
 
     def train_batches(self, batch_size, seed, epoch, channels_last=False, shard=(0, 1)):
         return self.batches("train", self.train_plan(batch_size, seed, epoch, shard), channels_last)
@@ -1858,6 +1879,32 @@ class StreamedData:
     def test_batches(self, batch_size=500, channels_last=False, shard=(0, 1)):
         bounds = test_batch_bounds(len(self.test_y), batch_size, shard)
         return self.batches("test", [[(i,) for i in range(lo, hi)] for lo, hi in bounds], channels_last)
+
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def stop_signals_held():
+    """Ctrl-C and SIGTERM held back while worker processes start: they start with both blocked (then ignore
+    them, leave_stops_to_main), and this process receives what arrived meanwhile right after."""
+    if not hasattr(signal, "pthread_sigmask"):  # not on Windows
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def leave_stops_to_main(worker_id=None):
+    """In a worker process: Ctrl-C and SIGTERM (sent to the whole process group by a terminal or a
+    scheduler) are the training process's to handle; it then stops the workers, and says one line."""
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 class DecodedImages(torch.utils.data.Dataset):
@@ -1871,10 +1918,8 @@ class DecodedImages(torch.utils.data.Dataset):
         path = self.paths[row[0]]
         try:
             if self.transform[0] == "train":
-                image = decode_crop(path, row[1:5], self.transform[1], bool(row[5]))
-            else:
-                image = decode_center(path, *self.transform[1:])
-            return torch.from_numpy(image).permute(2, 0, 1).contiguous(), None  # image: a writable copy
+                return decode_crop(path, row[1:5], self.transform[1], bool(row[5])), None
+            return decode_center(path, *self.transform[1:]), None
         except Exception as error:  # the main process stops naming the file
             return None, f"{path} ({unreadable_reason(Path(path), error)})"
 
@@ -1884,24 +1929,36 @@ def collate_decoded(samples):
     return (None if failed else torch.stack([image for image, _ in samples])), failed
 
 
-def decode_crop(path, box, size, flip):
-    """A training crop: the file decoded (JPEG: at the smallest DCT scale, 1/2 to 1/8, that keeps the box
-    larger than `size`, which is most of the speed), the box (top, left, h, w) resized bilinearly to
-    size x size and flipped, as uint8 (size, size, 3)."""
-    from PIL import Image
+# torchvision 0.29 deprecates its image decoders for TorchCodec (not a dependency here); decode_crop uses them
+# while they exist and Pillow after.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
 
+
+def decode_crop(path, box, size, flip):
+    """A training crop as uint8 (3, size, size): the file decoded by torchvision.io (libjpeg-turbo, libpng,
+    libwebp straight into a uint8 tensor; Pillow for other formats, 16-bit pixels, or a torchvision without
+    them), its box (top, left, h, w) resized by torch's antialiased bilinear uint8 kernel, flipped. Per core
+    about twice the anchors' Pillow decode, crop, resize, ToTensor and Normalize
+    (benchmarks/data_pipeline.py)."""
     top, left, h, w = box
-    with Image.open(path) as img:
-        full_width, full_height = img.size
-        if img.format == "JPEG" and min(h, w) >= 2 * size:
-            reduce = min(h, w) / size  # draft keeps every side at least the requested one
-            img.draft("RGB", (math.ceil(img.width / reduce), math.ceil(img.height / reduce)))
-        kx, ky = full_width / img.width, full_height / img.height  # the box on the decoded grid
-        box = (left / kx, top / ky, min(img.width, (left + w) / kx), min(img.height, (top + h) / ky))
-        img = img.convert("RGB").resize((size, size), Image.BILINEAR, box=box)
-        if flip:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return np.array(img)
+    image = None
+    try:
+        from torchvision.io import ImageReadMode, decode_image
+    except ImportError:
+        decode_image = None
+    if decode_image is not None:
+        encoded = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+        try:
+            image = decode_image(encoded, mode=ImageReadMode.RGB)
+        except RuntimeError as error:
+            if "Unsupported image file" not in str(error):
+                raise ValueError(str(error).rsplit(", ", 1)[-1]) from None  # not torchvision's source line
+    if image is None or image.dtype != torch.uint8:
+        image = torch.from_numpy(read_image(path, size=None)).permute(2, 0, 1)
+    crop = image[None, :, top:top + h, left:left + w]
+    crop = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+    return crop.flip(2) if flip else crop
 
 
 def decode_center(path, size, resize):
@@ -1910,16 +1967,19 @@ def decode_center(path, size, resize):
     from PIL import Image
 
     with Image.open(path) as img:
-        return np.array(TF.center_crop(TF.resize(img.convert("RGB"), resize), size))
+        image = np.array(TF.center_crop(TF.resize(img.convert("RGB"), resize), size))
+    return torch.from_numpy(image).permute(2, 0, 1).contiguous()
 
 
 def read_image_sizes(paths, workers):
     """(N, 2) int64 heights and widths from the files' headers (no decoding), in worker processes; one
     line naming the first file that is not an image Pillow can open."""
     loader = torch.utils.data.DataLoader(ImageHeaders(paths), batch_size=256, num_workers=workers,
-                                         collate_fn=list)
+                                         collate_fn=list, worker_init_fn=leave_stops_to_main)
+    with stop_signals_held():
+        chunks = iter(loader)  # starts the workers
     sizes = []
-    for chunk in loader:
+    for chunk in chunks:
         for path, size in chunk:
             if isinstance(size, str):
                 raise SystemExit(f"error: cannot read {path} ({size}); replace or delete it: a run does not "

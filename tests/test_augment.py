@@ -121,3 +121,19 @@ def test_a_run_kept_at_32_and_trained_at_48(tmp_path, monkeypatch, capsys):
         "--epochs", 1, "--out-dir", "run")
     assert "kept at 32px, resized-crop to 48px on the device" in capsys.readouterr().out
     assert (tmp_path / "run" / "model.pth").exists()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_resized_crops_flip_and_normalise_as_their_parts_in_either_memory_format(channels_last):
+    g = torch.Generator().manual_seed(5)
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=g)
+    boxes = common.resized_crop_boxes(12, 32, 32, (0.08, 1), (3 / 4, 4 / 3), g)
+    flips = torch.rand(12, generator=g) < 0.5
+    plain = common.resized_crops(images, boxes, 48)
+    out = common.resized_crops(images, boxes, 48, flips, channels_last)
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    torch.testing.assert_close(out, torch.where(flips[:, None, None, None], plain.flip(3), plain), atol=1e-3, rtol=0)
+    # Normalising the 32x32 images first is normalising the crops (every row of the weights sums to 1).
+    mean, std = torch.tensor([120.0, 110.0, 100.0]).view(1, 3, 1, 1), torch.tensor([60.0, 55.0, 50.0]).view(1, 3, 1, 1)
+    torch.testing.assert_close(common.resized_crops((images - mean) / std, boxes, 48), (plain - mean) / std,
+                               atol=1e-4, rtol=0)

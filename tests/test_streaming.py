@@ -144,3 +144,27 @@ def test_each_method_runs_an_imagenet_pair_on_the_streamed_folder(imagenet_folde
         assert summary["teacher"]["epochs"] == 1
         fingerprint = json.loads((tmp_path / name / "run.json").read_text())["config"]["data"]
         assert torch.load(tmp_path / name / "model.pth", weights_only=True)["data"] == fingerprint
+
+
+def test_sigterm_to_the_process_group_with_decoding_workers_is_one_line(imagenet_folder, tmp_path):
+    """A scheduler's SIGTERM reaches every process of the job, the decoding workers too: the training
+    process alone answers, with its one line, and no traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+    command = [sys.executable, str(ROOT / "common.py"), "--model", "resnet8", "--dataset", "imagenet", "--data-dir",
+               str(imagenet_folder), "--image-size", "64", "--batch-size", "8", "--workers", "2", "--epochs",
+               "500", "--device", "cpu", "--out-dir", str(tmp_path / "run")]
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)  # its own process group, as a scheduler's job step
+    while not (tmp_path / "run" / "checkpoint.pt").exists() and job.poll() is None:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGTERM)
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 143, err
+    assert out.strip().splitlines()[-1].startswith("interrupted (SIGTERM): the last complete checkpoint is")
+    assert "Traceback" not in err and "Error" not in err, err
