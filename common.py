@@ -1505,7 +1505,9 @@ def setup(args, script, parser):
     if teacher_missing:
         on_rank_0(ensure_writable, teacher_candidates(args, data)[0].parent, "--checkpoint-dir")
     if isinstance(data, StreamedData):
-        decoders = f"{data.workers} worker processes per rank" if data.workers else "the training process"
+        plural = "es" if data.workers > 1 else ""
+        decoders = (f"{data.workers} worker process{plural} per rank" if data.workers
+                    else "the training process")
         pipeline = (f", streamed, decoded by {decoders} (resized-crop to {data.image_size}px; test: resize "
                     f"{data.eval_resize}, center crop)")
     elif data.augment == "pad-crop":
