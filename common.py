@@ -219,8 +219,11 @@ def load_data(args, device):
     if stored > size:
         raise SystemExit(f"error: --store-size {stored} is larger than the image size {size}; images are "
                          "kept at most at the size the models see")
-    if args.dataset in ("imagenet", "folder") and streams(args, stored):
-        data = load_streamed_folder(args, size, device)
+    listing = None  # an image folder is listed once, for the choice of pipeline and for reading it
+    if args.dataset in ("imagenet", "folder"):
+        listing = list_image_folder(args.data_dir, ("train", "val") if args.dataset == "imagenet" else None)
+    if listing and streams(args, stored, listing):
+        data = load_streamed_folder(args, size, device, listing)
         if args.train_subset:
             check_subset(args, data.train_y.cpu(), data.num_classes)
             data.subset(balanced_subset(data.train_y.cpu(), args.train_subset, data.num_classes, seed=0))
@@ -232,9 +235,9 @@ def load_data(args, device):
         (train_x, train_y, test_x, test_y), num_classes = load_cifar(args.dataset, args.data_dir)
         mean, std = NORMALIZATION[args.dataset]
     else:
-        if args.dataset in ("imagenet", "folder"):
-            splits = ("train", "val") if args.dataset == "imagenet" else ("train", "test")
-            (train_x, train_y, test_x, test_y), num_classes = load_image_folder(args.data_dir, stored, splits)
+        if listing:
+            (train_x, train_y, test_x, test_y), num_classes = load_image_folder(args.data_dir, stored,
+                                                                                listing=listing)
         else:
             (train_x, train_y, test_x, test_y), num_classes = make_synthetic(image_size=stored)
     if args.train_subset:
@@ -253,7 +256,7 @@ def load_data(args, device):
                 **augment).to(device)
 
 
-def streams(args, stored):
+def streams(args, stored, listing):
     """Whether a folder is streamed from its files rather than kept on the device: --pipeline stream; or
     auto and ImageNet (whose evaluation protocol, a resize and a center crop, is the stream's) or a folder
     whose images decoded at stored x stored would take more than --device-data-limit GB."""
@@ -262,8 +265,7 @@ def streams(args, stored):
         return pipeline == "stream"
     if args.dataset == "imagenet":
         return True
-    _, listed = list_image_folder(args.data_dir)
-    decoded = sum(len(paths) for paths, _ in listed.values()) * 3 * stored * stored
+    decoded = sum(len(paths) for paths, _ in listing[1].values()) * 3 * stored * stored
     return decoded > getattr(args, "device_data_limit", 8.0) * 1e9
 
 
@@ -1669,22 +1671,26 @@ class UnsupportedImage(ValueError):
     """An image Pillow decodes but that has no defined 8-bit reading (32-bit integer or float pixels)."""
 
 
+def check_pixel_depth(img):
+    """Refuse (UnsupportedImage) a Pillow image of 32-bit integer or float pixels, from its header; 16-bit
+    ones (modes I;16*, and I in a PNG, which has at most 16 bits per channel) have an 8-bit reading."""
+    if img.mode in ("I", "F") and not (img.mode == "I" and img.format == "PNG"):
+        raise UnsupportedImage(f"32-bit {'integer' if img.mode == 'I' else 'float'} pixels have no "
+                               "defined 8-bit scale; save it with 8 or 16 bits per channel")
+
+
 def read_image(path, size=32):
     """One image file as an RGB size x size uint8 array (H, W, 3) (size None: its own). 16-bit greyscale is
-    scaled to 8 bits
-    (Pillow's convert('RGB') clips it: a 46 % grey would become white); 32-bit integer or float pixels are
-    refused."""
+    scaled to 8 bits (Pillow's convert('RGB') clips it: a 46 % grey would become white); 32-bit integer or
+    float pixels are refused."""
     from PIL import Image  # torchvision depends on Pillow
 
     with Image.open(path) as img:
         img.load()  # decodes the whole file: a truncated one fails here
-        sixteen_bit = img.mode == "I" and img.format == "PNG"  # PNG has at most 16 bits per channel
-        if img.mode.startswith("I;16") or sixteen_bit:
+        check_pixel_depth(img)
+        if img.mode.startswith("I"):  # 16 bits, after check_pixel_depth
             grey = np.round(np.asarray(img, dtype=np.float64) / 257).astype(np.uint8)
             img = Image.fromarray(grey, "L")
-        elif img.mode in ("I", "F"):
-            raise UnsupportedImage(f"32-bit {'integer' if img.mode == 'I' else 'float'} pixels have no "
-                                   "defined 8-bit scale; save it with 8 or 16 bits per channel")
         img = img.convert("RGB")
         if size is not None and img.size != (size, size):
             img = img.resize((size, size), Image.BILINEAR)
@@ -1776,14 +1782,15 @@ def list_image_folder(root, splits=None):
     return classes, listed
 
 
-def load_image_folder(root, size=32, splits=None):
+def load_image_folder(root, size=32, splits=None, listing=None):
     """`root/train/<class>/**` and `root/test/<class>/**`, any size and mode, as RGB size x size uint8.
 
     Both splits must have the same class folders, each with images, and every image file (at any depth under
     its class folder) must be readable: a run refuses rather than skips, so that a benchmark never trains or
-    tests on fewer images than the folder holds (see list_image_folder for what is not read)."""
+    tests on fewer images than the folder holds (see list_image_folder for what is not read; `listing`: its
+    result, when the folder was listed already)."""
     root = Path(root).expanduser()
-    classes, listed = list_image_folder(root, splits)
+    classes, listed = listing or list_image_folder(root, splits)
     tensors, unreadable, total = [], [], sum(len(paths) for paths, _ in listed.values())
     for paths, labels in listed.values():
         images = []
@@ -1820,8 +1827,6 @@ class StreamedData:
     (resized_crop_boxes, --crop-scale, --crop-ratio) and a flip; evaluation: torchvision's Resize(R) +
     CenterCrop(S), R = --eval-resize (256 at 224), with torchvision's own functions."""
 
-    augment = "resized-crop"
-
     def __init__(self, name, listed, sizes, num_classes, image_size, eval_resize, workers, crop_scale,
                  crop_ratio, mean, std, device, fingerprint):
         (self.train_paths, train_y), (self.test_paths, test_y) = listed
@@ -1832,7 +1837,6 @@ class StreamedData:
         self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
-        self.stored_size = None  # nothing is stored
 
     normalize = Data.normalize
 
@@ -2002,20 +2006,19 @@ class ImageHeaders(torch.utils.data.Dataset):
 
         try:
             with Image.open(self.paths[i]) as img:
-                if img.mode in ("I", "F") and img.format != "PNG":
-                    raise UnsupportedImage("32-bit pixels have no defined 8-bit scale")
+                check_pixel_depth(img)
                 return str(self.paths[i]), (img.height, img.width)
         except Exception as error:
             return str(self.paths[i]), unreadable_reason(Path(self.paths[i]), error)
 
 
-def load_streamed_folder(args, size, device):
+def load_streamed_folder(args, size, device, listing=None):
     """--dataset imagenet (DIR/train/<wnid>/, DIR/val/<wnid>/) or a folder streamed (--pipeline stream): the
-    files listed and their headers read before training, a fingerprint of their names, byte sizes and image
-    sizes."""
+    files listed (`listing`: list_image_folder's result, when listed already) and their headers read before
+    training, a fingerprint of their names, byte sizes and image sizes."""
     splits = ("train", "val") if args.dataset == "imagenet" else ("train", "test")
     root = Path(args.data_dir).expanduser()
-    classes, listed = list_image_folder(root, splits)
+    classes, listed = listing or list_image_folder(root, splits)
     workers = default_workers(args)
     sizes = [read_image_sizes(paths, workers) for paths, _ in listed.values()]
     digest = hashlib.sha1()

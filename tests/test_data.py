@@ -142,6 +142,18 @@ def test_every_file_under_a_class_folder_is_read_or_counted(tmp_path, capsys):
     assert "2 files that are not images by their extension (e.g. train/README.md)" in line
 
 
+def test_a_folder_is_listed_once_whichever_pipeline_reads_it(tmp_path, capsys):
+    """--pipeline auto lists the folder to choose the pipeline; the chosen one reads that listing."""
+    folder = image_folder(tmp_path, {"train/cat/a.png": rgb(10), "train/dog/b.png": rgb(20),
+                                     "test/cat/c.png": rgb(30), "test/dog/d.png": rgb(40),
+                                     "train/dog/.DS_Store": "finder"})
+    for pipeline in ("auto", "device", "stream"):
+        args = make_args("--dataset", "folder", "--data-dir", folder, "--pipeline", pipeline, "--workers", 0)
+        common.load_data(args, torch.device("cpu"))
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert len(lines) == 1 and "not read: 1 hidden entries" in lines[0], (pipeline, lines)
+
+
 @pytest.mark.parametrize("missing", ["test/dog", "train/dog"])
 def test_a_class_without_training_or_test_images_is_named(missing, tmp_path):
     files = {"train/cat/a.png": rgb(0), "train/dog/b.png": rgb(0), "test/cat/c.png": rgb(0), "test/dog/d.png": rgb(0)}
