@@ -34,7 +34,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 # ------------------------------------------------------------------------------------ torchvision's models
@@ -119,20 +118,21 @@ def torchvision_model(name, num_classes=1000, weights=None):
         model = tvm.get_model(source, weights=None, num_classes=num_classes)
     else:
         model = tvm.get_model(source, weights=weights)
-        if num_classes != 1000:
-            replace_classifier(model, num_classes)
     model.__class__ = staged  # adds stages() and head() only: the same modules, keys and forward
+    if weights is not None and num_classes != 1000:
+        replace_classifier(model, num_classes)
     return model
 
 
 def replace_classifier(model, num_classes):
-    """A freshly initialised last Linear of `num_classes` outputs, under the same state_dict name."""
-    parent, name = None, None
-    for module_name, module in model.named_modules():
-        for child_name, child in module.named_children():
-            if isinstance(child, nn.Linear):
-                parent, name = module, child_name
-    old = getattr(parent, name)
+    """A freshly initialised classifier of `num_classes` outputs, under the same state_dict name: the last
+    Linear of the model's head(), which is not always the last Linear in module order (Swin, DeiT and the
+    Mixer register their head before their blocks' MLPs)."""
+    from models import classifier
+
+    old = classifier(model)
+    parent, name = next((module, child_name) for module in model.modules()
+                        for child_name, child in module.named_children() if child is old)
     setattr(parent, name, nn.Linear(old.in_features, num_classes).to(old.weight.device))
 
 

@@ -95,6 +95,25 @@ def test_every_imagenet_model_has_four_stages_and_its_classifier_found():
         assert models.default_image_size(name) == 224
 
 
+@pytest.mark.parametrize("name", models.IMAGENET_MODELS)
+def test_a_new_head_replaces_the_classifier_and_nothing_else(name):
+    """The fine-tuning start (start_from_weights): only the head()'s last Linear changes, and the model runs
+    with the new class count. The last Linear in module order is an MLP layer of the last block in Swin, the
+    DeiTs and the Mixer, whose head is registered first."""
+    from models.imagenet import replace_classifier
+
+    with torch.device("meta"):
+        model = models.create_model(name, 1000)
+    before = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    old_head = models.classifier(model)
+    replace_classifier(model, 7)
+    after = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    changed = {k for k in before if before[k] != after[k]}
+    assert after.keys() == before.keys() and len(changed) == 2 and all(k.endswith(("weight", "bias")) for k in changed)
+    assert models.classifier(model) is not old_head and models.classifier(model).out_features == 7
+    assert model(torch.empty(2, 3, 224, 224, device="meta")).shape == (2, 7)
+
+
 def test_class_tokens_are_read_off_the_grid():
     tokens = torch.randn(2, 197, 8)
     assert models.has_class_token((197, 8)) and not models.has_class_token((196, 8))
