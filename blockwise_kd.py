@@ -250,10 +250,11 @@ def make_loss_fn(student, teacher, stepping_stones, args, ramp_epochs, label_smo
 
 
 def make_eval_fn(student, stepping_stones):
-    """Test accuracy of the student ('test_acc') and of each stepping-stone ('stone<i>_acc')."""
+    """Test accuracy of the student ('test_acc', and 'test_top5' beyond 10 classes) and of each stepping-stone
+    ('stone<i>_acc')."""
     def eval_fn(x, y):
         features, logits = models.stage_features(student, x)
-        metrics = {"test_acc": 100.0 * (logits.argmax(1) == y).float().mean()}
+        metrics = common.accuracies(logits, y)
         for i, z in stepping_stones.all_logits(features).items():
             metrics[f"stone{i}_acc"] = 100.0 * (z.argmax(1) == y).float().mean()
         return metrics

@@ -42,9 +42,11 @@ import argparse
 import contextlib
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -70,8 +72,46 @@ NORMALIZATION = {  # the benchmark's per-channel mean and std
 
 
 def log(message):
-    if rank() == 0:  # under torchrun, rank 0 speaks for all
+    """Print a line of the run (under torchrun, rank 0 speaks for all) and keep it in the run's log.txt."""
+    if rank() == 0:
         print(message, flush=True)
+        run_log.write(message)
+
+
+class RunLog:
+    """What a run prints, also appended to log.txt in its run folder, each line after its date and time.
+    Lines printed before the folder is claimed (the data's) are kept and written first; a later run in the
+    same folder (a resume) appends to it."""
+
+    def __init__(self):
+        self.file, self.pending = None, []
+
+    def start(self):
+        """A new run in this process: forget the previous one's file and lines."""
+        if self.file:
+            self.file.close()
+        self.file, self.pending = None, []
+
+    def open(self, path):
+        pending = self.pending
+        self.file, self.pending = open(path, "a", encoding="utf-8"), []
+        self.file.write("".join(pending))
+        self.file.flush()
+
+    def write(self, message):
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        lines = "".join(f"{stamp} {line}\n" for line in str(message).splitlines() or [""])
+        if self.file is None:
+            self.pending.append(lines)
+            return
+        try:
+            self.file.write(lines)
+            self.file.flush()
+        except OSError:  # a full disk stops the run where it writes its results, not here
+            pass
+
+
+run_log = RunLog()
 
 
 # ----------------------------------------------------------------------------------------------------- data
@@ -87,6 +127,7 @@ class Data:
                  augment=None, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3)):
         self.train_x, self.train_y, self.test_x, self.test_y = train_x, train_y, test_x, test_y
         self.num_classes, self.name = num_classes, name
+        self.classes = None  # the class names, in label order, where the data has them (image folders)
         self.fingerprint = fingerprint(train_x, train_y, test_x, test_y)
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
         self.std = torch.tensor(std).view(1, 3, 1, 1)
@@ -131,6 +172,7 @@ def load_cifar(name, data_dir):
         try:
             ds = cls(data_dir, train=train, download=False)
         except RuntimeError:
+            check_cifar_files(name, data_dir)
             try:
                 ds = cls(data_dir, train=train, download=True)
             except Exception as error:
@@ -142,6 +184,28 @@ def load_cifar(name, data_dir):
                                  f"({type(error).__name__}). {fix}") from None
         splits += [torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)]
     return splits, len(ds.classes)
+
+
+def check_cifar_files(name, data_dir):
+    """Present CIFAR files that fail torchvision's md5 check (a damaged or partial download) are one line
+    naming them; absent ones are left to the download."""
+    from torchvision.datasets import cifar
+    from torchvision.datasets.utils import check_integrity
+
+    cls = cifar.CIFAR100 if name == "cifar100" else cifar.CIFAR10
+
+    folder = Path(data_dir).expanduser() / cls.base_folder
+    listed = cls.train_list + cls.test_list + [[cls.meta["filename"], cls.meta["md5"]]]
+    files = [(folder / name, md5) for name, md5 in listed]
+    present = [path for path, _ in files if path.exists()]
+    damaged = [path.name for path, md5 in files if path.exists() and not check_integrity(str(path), md5)]
+    if damaged or (present and len(present) < len(files)):
+        missing = [path.name for path, _ in files if not path.exists()]
+        parts = [f"damaged (fail torchvision's md5 check): {', '.join(damaged)}" if damaged else "",
+                 f"missing: {', '.join(missing)}" if missing else ""]
+        raise SystemExit(f"error: {folder}/ is incomplete or damaged ({'; '.join(p for p in parts if p)}): a "
+                         f"partial or broken download. Delete {folder}/ and download it again, or pass "
+                         "--data-dir DIR where a good copy is")
 
 
 def make_synthetic(num_classes=10, train_size=10000, test_size=2000, seed=1234, image_size=32):
@@ -224,6 +288,7 @@ def load_data(args, device):
         listing = list_image_folder(args.data_dir, ("train", "val") if args.dataset == "imagenet" else None)
     if listing and streams(args, stored, listing):
         data = load_streamed_folder(args, size, device, listing)
+        data.classes = listing[0]
         if args.train_subset:
             check_subset(args, data.train_y.cpu(), data.num_classes)
             data.subset(balanced_subset(data.train_y.cpu(), args.train_subset, data.num_classes, seed=0))
@@ -252,8 +317,9 @@ def load_data(args, device):
                          f"not at --image-size {size}; use --augment resized-crop, or keep them at {size}")
     augment = dict(augment=getattr(args, "augment", None), crop_scale=getattr(args, "crop_scale", (0.08, 1)),
                    crop_ratio=getattr(args, "crop_ratio", (3 / 4, 4 / 3)))
-    return Data(train_x, train_y, test_x, test_y, num_classes, mean, std, args.dataset, size,
-                **augment).to(device)
+    data = Data(train_x, train_y, test_x, test_y, num_classes, mean, std, args.dataset, size, **augment)
+    data.classes = listing[0] if listing else None
+    return data.to(device)
 
 
 def streams(args, stored, listing):
@@ -487,7 +553,8 @@ def make_recipe(args, family, epochs=None, use_overrides=True, model_name=None):
 
     The milestones and a row's warm-up scale with the epochs. Milestones are rounded and distinct: a
     milestone that rounds onto another is dropped, so no epoch decays twice (5 epochs give [3, 4], not
-    [3, 4, 4], which ran the last epoch at lr x 0.001)."""
+    [3, 4, 4], which ran the last epoch at lr x 0.001), and one that rounds to 0 too, so that the peak lr is
+    used (1 epoch of the imagenet row gives [1], not [0, 1])."""
     setting = recipe_setting(args)
     recipe = dict(RECIPES[setting][family])
     fractions, row_epochs = recipe.pop("milestone_fractions"), recipe["epochs"]
@@ -502,7 +569,7 @@ def make_recipe(args, family, epochs=None, use_overrides=True, model_name=None):
     if recipe["warmup_epochs"] is None:
         recipe["warmup_epochs"] = min(5, recipe["epochs"] // 10)
     if recipe["milestones"] is None:  # distinct: in a short run two fractions can round to one epoch
-        recipe["milestones"] = sorted({round(recipe["epochs"] * f) for f in fractions})
+        recipe["milestones"] = sorted({round(recipe["epochs"] * f) for f in fractions} - {0})
     return recipe
 
 
@@ -628,9 +695,17 @@ def classification_loss(model, label_smoothing):
     return loss_fn
 
 
+def accuracies(logits, y):
+    """Top-1 accuracy in % ('test_acc') and, with more than 10 classes, top-5 ('test_top5'): batch means."""
+    metrics = {"test_acc": 100.0 * (logits.argmax(1) == y).float().mean()}
+    if logits.shape[1] > 10:
+        metrics["test_top5"] = 100.0 * (logits.topk(5, 1).indices == y[:, None]).any(1).float().mean()
+    return metrics
+
+
 def default_eval(model):
     def evaluate(x, y):
-        return {"test_acc": 100.0 * (model(x).argmax(1) == y).float().mean()}
+        return accuracies(model(x), y)
     return evaluate
 
 
@@ -663,9 +738,10 @@ def fit(model, data, out_dir, recipe, *, seed, loss_fn=None, train_modules=None,
     optimizer, train_step = prepare_training(model, train_modules, loss_fn, recipe, fast, device)
     folder = RunFolder(out_dir, run_identity(model, data, recipe, seed, config, teacher, title))
     history = folder.start(model, train_modules, optimizer, resume, device)  # the epochs already trained
-    steps_per_epoch = math.ceil(len(data.train_y) / recipe["batch_size"])
+    n_train = len(data.train_y)
+    steps_per_epoch = math.ceil(n_train / recipe["batch_size"])
     shard = (rank(), world_size())  # under torchrun each rank trains on its part of every global batch
-    log_start(title or model.arch, recipe, steps_per_epoch, count_params(model), device, fast)
+    log_start(title or model.arch, recipe, steps_per_epoch, model, train_modules, device, fast)
 
     for epoch in range(len(history), recipe["epochs"]):
         model.eval()  # what is not trained (a teacher, frozen stages) stays in eval mode
@@ -677,13 +753,13 @@ def fit(model, data, out_dir, recipe, *, seed, loss_fn=None, train_modules=None,
         for step, (x, y) in enumerate(batches):
             progress = epoch + step / steps_per_epoch
             lr = learning_rate(recipe, progress)
-            batch = min(recipe["batch_size"], len(data.train_y) - step * recipe["batch_size"])
+            batch = min(recipe["batch_size"], n_train - step * recipe["batch_size"])
             loss, terms = train_step(x, y, progress, lr, loss_scale=len(y) * shard[1] / batch)
             loss_sum += loss.float() * len(y)  # the sums stay on the device: no host sync per step
             for name, value in terms.items():
                 term_sums[name] = term_sums.get(name, 0) + value.float() * len(y)
             seen += len(y)
-            progress_line.maybe_log(step, loss_sum, seen)
+            progress_line.maybe_log(step, loss_sum, seen, min((step + 1) * recipe["batch_size"], n_train))
         images = torch.tensor(float(seen), device=device)
         sums = sum_across_ranks({"train_loss": loss_sum, **term_sums, "images": images})  # over the epoch
         seen, loss_sum = sums.pop("images").item(), sums.pop("train_loss")
@@ -767,6 +843,12 @@ class RunFolder:
         """The history of the epochs already trained: the checkpoint's, loaded into the model, train modules
         and optimizer, with `resume` (after checking that it is of this training); [] otherwise."""
         history = []
+        results = list(itertools.islice(run_results(self.out_dir), 4)) if resume else []
+        if results and not self.checkpoint.exists():  # a finished run whose checkpoint was deleted
+            raise SystemExit(f"error: cannot resume {self.out_dir}: it holds results "
+                             f"({', '.join(map(str, results))}) but no checkpoint.pt to continue from; "
+                             "nothing was changed. Train it afresh with --overwrite, or choose another "
+                             "--out-dir")
         if resume and self.checkpoint.exists():
             state = load_checkpoint(self.checkpoint, device)
             found = differences(identity_entries(state.get("identity", {})), identity_entries(self.identity),
@@ -784,7 +866,7 @@ class RunFolder:
             last_checkpoint.update(path=self.checkpoint, epoch=len(history), epochs=epochs)
             finished = " (finished: no epoch left to train)" if len(history) == epochs else ""
             log(f"resumed {self.out_dir} at epoch {len(history)}/{epochs}{finished}")
-        write_metrics(self.metrics, history)  # from the checkpoint's history: no epoch twice after a resume
+            write_metrics(self.metrics, history)  # from the checkpoint's history: no epoch twice
         return history
 
     def save_epoch(self, model, train_modules, optimizer, history, epochs):
@@ -804,7 +886,8 @@ class RunFolder:
         evaluated = [h for h in history if "test_acc" in h]
         best = max(evaluated, key=lambda h: h["test_acc"]) if evaluated else {}  # the first of equals
         summary = {"last_acc": last.get("test_acc"), "best_acc": best.get("test_acc"),
-                   "best_epoch": best.get("epoch"), "epochs": recipe["epochs"], "params": count_params(model),
+                   "best_epoch": best.get("epoch"), "last_top5": last.get("test_top5"),
+                   "epochs": recipe["epochs"], "params": count_params(model),
                    "seconds": sum(h["seconds"] for h in history),
                    "mean_images_per_sec": sum(h["images_per_sec"] for h in history) / max(1, len(history)),
                    "evaluated_epochs": [h["epoch"] for h in evaluated], "last_epoch": last, "recipe": recipe,
@@ -813,8 +896,15 @@ class RunFolder:
                    **fields}
         save_json(summary, self.out_dir / "summary.json")
         took = format_seconds(time.time() - self.started)
-        log(f"done in {took}: last acc {summary['last_acc']}, best {summary['best_acc']} "
-            f"(epoch {summary['best_epoch']}) -> {self.out_dir}")
+        if evaluated:
+            top5 = f", top-5 {last['test_top5']:.4g}" if "test_top5" in last else ""
+            result = (f"last acc {summary['last_acc']:.4g}{top5}, best {summary['best_acc']:.4g} (epoch "
+                      f"{summary['best_epoch']})")
+        else:  # a fit whose eval_fn measures no accuracy (an SSKD stage phase): its own test metrics
+            not_measured = ("epoch", "lr", "images_per_sec", "seconds")
+            measured = {k: v for k, v in last.items() if k not in not_measured and not k.startswith("train")}
+            result = "last " + ", ".join(f"{k} {v:.4g}" for k, v in measured.items())
+        log(f"done in {took}: {result} -> {self.out_dir}")
         return summary
 
 
@@ -941,9 +1031,13 @@ NAMED_FLAGS = {"model", "teacher", "student", "dataset", "image_size", "train_su
 
 RUN_FILE = "run.json"
 
+RUN_LOG = "log.txt"  # what the run printed, each line with its time
+
+RUN_TEACHER = "teacher.pth"  # the run's own copy of its teacher's file (keep_teacher_copy)
+
 RUN_OUTPUTS = ("checkpoint.pt", "metrics.jsonl", "summary.json", "model.pth")  # what fit writes in a folder
 
-_locked_dirs = {}  # resolved path -> open lock file, held until the process exits
+_locked_dirs = {}  # resolved path -> its FileLock, held until the process exits
 
 def training_flags(config):
     """The entries of a run's flags (vars(args)) that define what it learns, as JSON values."""
@@ -995,25 +1089,44 @@ def default_out_dir(args, parser, run_name, data):
     return str(Path("runs") / name)
 
 
+class FileLock:
+    """An OS lock (flock) on a file: held until release() or the process exits (on any exit, kill -9
+    included)."""
+
+    def __init__(self, path):
+        self.path, self.handle = Path(path), None
+
+    def acquire(self, wait=False):
+        """Whether this process holds the lock now; with wait, once another process releases it."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks here
+            return True
+        self.handle = open(self.path, "a")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError:
+            self.release()
+            return False
+        return True
+
+    def release(self):
+        if self.handle:
+            self.handle.close()
+            self.handle = None
+
+
 def lock_dir(path, what):
-    """Hold an OS lock on path/.lock until this process exits (released on any exit, kill -9 included);
-    one line and exit 1 if another process holds it. Folders inside one this process holds are not locked
-    again."""
+    """Hold an OS lock on path/.lock until this process exits; one line and exit 1 if another process holds
+    it. Folders inside one this process holds are not locked again."""
     path = Path(path).resolve()
     if any(locked == path or locked in path.parents for locked in _locked_dirs):
         return
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks here
-        return
-    handle = open(path / ".lock", "a")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
+    lock = FileLock(path / ".lock")
+    if not lock.acquire():
         raise SystemExit(f"error: another process is using {what} {path} (it holds {path / '.lock'}); wait "
-                         f"for it to finish, or choose another folder") from None
-    _locked_dirs[path] = handle
+                         f"for it to finish, or choose another folder")
+    _locked_dirs[path] = lock
 
 
 def ensure_writable(path, what):
@@ -1098,10 +1211,35 @@ def check_resume(out_dir, script, config):
         if found:
             raise SystemExit(f"error: cannot resume {out_dir}: {path} is from another training run "
                              f"({'; '.join(found)}){refuse}")
-    if record is None and not checkpoints and any(next(out_dir.rglob(name), None) for name in RUN_OUTPUTS):
-        raise SystemExit(f"error: cannot resume {out_dir}: it holds results but neither {RUN_FILE} nor a "
-                         f"checkpoint.pt says which run made them{refuse}")
+    results = list(itertools.islice(run_results(out_dir), 4))
+    if not checkpoints and results:  # a finished run whose checkpoint was deleted is never trained again
+        which = f"{RUN_FILE} names its run, but" if record is not None else f"neither {RUN_FILE} nor"
+        raise SystemExit(f"error: cannot resume {out_dir}: it holds results ({', '.join(map(str, results))}) "
+                         f"but {which} no checkpoint.pt to continue from{refuse}")
     return record
+
+
+def folder_contents(out_dir):
+    """The files under a run folder that a fresh run must not start over, as paths relative to it (a
+    generator: `--out-dir ~` is not walked to its end): every file but the lock files, run.json, the log, the
+    teacher's copy and a metrics.jsonl of no epoch, all that a run that stopped before its first epoch ended
+    leaves (a fresh run replaces them)."""
+    out_dir = Path(out_dir)
+    for top, dirs, names in os.walk(out_dir):
+        dirs.sort()
+        for name in sorted(names):
+            path = Path(top) / name
+            empty_metrics = name == "metrics.jsonl" and path.stat().st_size == 0
+            trivial = name in (".lock", RUN_LOG) or empty_metrics or \
+                (name in (RUN_FILE, RUN_TEACHER) and Path(top) == out_dir)
+            if not trivial:
+                yield path.relative_to(out_dir)
+
+
+def run_results(out_dir):
+    """What fit wrote under a run folder (RUN_OUTPUTS at any depth: an SSKD run's phases), as in
+    folder_contents."""
+    return (path for path in folder_contents(out_dir) if path.name in RUN_OUTPUTS)
 
 
 def clear_run_folder(out_dir):
@@ -1110,10 +1248,11 @@ def clear_run_folder(out_dir):
     entries = sorted(p for p in out_dir.iterdir() if p.name != ".lock")
     if not entries:
         return
-    if not any((out_dir / name).exists() for name in (RUN_FILE, *RUN_OUTPUTS)):
+    if not any((out_dir / name).exists() for name in (RUN_FILE, RUN_LOG, *RUN_OUTPUTS)):
+        found = ", ".join(p.name for p in entries[:4])
         raise SystemExit(f"error: --overwrite empties a run folder, but {out_dir} holds no run ({RUN_FILE}, "
-                         f"{', '.join(RUN_OUTPUTS)}), only {', '.join(p.name for p in entries[:4])}: nothing "
-                         "was removed; choose another --out-dir")
+                         f"{RUN_LOG}, {', '.join(RUN_OUTPUTS)}), only {found}: nothing was removed; choose "
+                         "another --out-dir")
     names = ", ".join(p.name + "/" * p.is_dir() for p in entries[:8]) + (", ..." if len(entries) > 8 else "")
     files = 0
     try:
@@ -1140,15 +1279,15 @@ def claim_out_dir(args, data, script):
     config = training_config(args, data)
     if args.overwrite:
         clear_run_folder(out_dir)
-    # A run.json alone is a run that ended before its first output: a fresh run may take its place.
-    results = sorted(p.name for p in out_dir.iterdir()
-                     if p.name != ".lock" and not (p.name == RUN_FILE and p.is_file()))
+    results = list(itertools.islice(folder_contents(out_dir), 4))  # none: a fresh run may take its place
     if not args.resume and results:
-        raise SystemExit(f"error: {out_dir} already holds a run ({', '.join(results[:4])}); add --resume to "
-                         f"continue it, or choose another --out-dir (--overwrite replaces it)")
+        raise SystemExit(f"error: {out_dir} already holds a run ({', '.join(map(str, results))}); add "
+                         "--resume to continue it, or choose another --out-dir (--overwrite replaces it)")
     record = check_resume(out_dir, script, config) if args.resume else None
     if record is None:
         save_json({"script": script, "config": config, "command": command_line()}, out_dir / RUN_FILE)
+    run_log.open(out_dir / RUN_LOG)
+    run_log.write(f"$ {command_line()}")  # the log starts with the command (not printed: the user typed it)
 
 
 def command_line(extra=()):
@@ -1164,12 +1303,16 @@ def command_line(extra=()):
 
 # ---------------------------------------------------------------------------------- progress and stop lines
 
-def log_start(title, recipe, steps_per_epoch, params, device, fast):
-    """The first line of a fit: what it trains, how, and the fast paths."""
+def log_start(title, recipe, steps_per_epoch, model, train_modules, device, fast):
+    """The first line of a fit: what it trains (the model's parameters, and those that train where they
+    differ: an SSKD phase's stage, a method's connectors), how, and the fast paths."""
     plan = f"{recipe['epochs']} epochs x {steps_per_epoch} steps, batch {recipe['batch_size']}"
     ranks = f" x {world_size()} ranks ({dist.get_backend()})" if world_size() > 1 else ""
-    log(f"{title}: {plan}, {recipe['optimizer']} lr {recipe['lr']}, {params:,} params, "
-        f"device {device}{ranks}; {describe(fast)}")
+    trained = {id(p): p.numel() for m in train_modules for p in m.parameters() if p.requires_grad}
+    params = f"{count_params(model):,} params" + (f", {sum(trained.values()):,} trained"
+                                                  if sum(trained.values()) != count_params(model) else "")
+    log(f"{title}: {plan}, {recipe['optimizer']} lr {recipe['lr']}, {params}, device {device}{ranks}; "
+        f"{describe(fast)}")
 
 
 class ProgressLine:
@@ -1181,15 +1324,18 @@ class ProgressLine:
         self.checkpoint_path = checkpoint_path
         self.start = self.last_print = time.time()
 
-    def maybe_log(self, step, loss_sum, seen):
+    def maybe_log(self, step, loss_sum, seen, images_done):
+        """loss_sum and seen: this rank's, for the mean loss so far; images_done: the images of all ranks so
+        far (the global batches done), so that speed and ETA are the run's, not one rank's."""
         if time.time() - self.last_print <= self.log_every or step + 1 >= self.steps:
             return
         self.last_print = time.time()
-        check_finite(loss_sum, self.epoch, self.checkpoint_path, self.recipe)
-        speed = seen / (self.last_print - self.start)
+        mean_loss = loss_sum / seen
+        check_finite(mean_loss, self.epoch, self.checkpoint_path, self.recipe)
+        speed = images_done / (self.last_print - self.start)
         epoch_seconds = self.steps * self.recipe["batch_size"] / speed
         eta = epoch_seconds * (self.recipe["epochs"] - self.epoch) - (self.last_print - self.start)
-        log(f"  epoch {self.epoch + 1} step {step + 1}/{self.steps} loss {loss_sum.item() / seen:.4f} "
+        log(f"  epoch {self.epoch + 1} step {step + 1}/{self.steps} loss {mean_loss.item():.4f} "
             f"{speed:.0f} img/s ETA {format_seconds(eta)} (training only)")
 
 
@@ -1255,8 +1401,11 @@ def run_main(main):
     except SystemExit as stop:
         if rank() != 0 and isinstance(stop.code, str):
             sys.exit(1)  # rank 0 prints the line
+        if isinstance(stop.code, str):
+            run_log.write(stop.code)
         raise
     finally:
+        run_log.start()  # closes the run's log
         signal.signal(signal.SIGTERM, previous_handler)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -1482,6 +1631,7 @@ def setup(args, script, parser):
     """Seed, device, data and the run folder, the same for every script (`script`: common, blockwise_kd, sskd
     or lfcc): every check that can fail happens here, before anything is trained (see claim_out_dir). Under
     torchrun the process group comes first, and rank 0 alone claims the run folder for all."""
+    run_log.start()
     init_distributed(args)
     device = torch.device(args.device)  # checked by device_name when parsed
     if args.sync_bn and device.type != "cuda":
@@ -1500,11 +1650,10 @@ def setup(args, script, parser):
     # The recipe's row and length, resolved once the folder is named (the defaults are not in its name), so
     # that run.json records them and a resume compares them.
     args.recipe, args.epochs = recipe_setting(args), run_epochs(args)
-    teacher_missing = getattr(args, "teacher", None) and not args.teacher_ckpt and \
-        not any(p.exists() for p in teacher_candidates(args, data))  # it will be trained
-    check_batch_split(args, data, script, teacher_missing)
+    teacher_to_train = getattr(args, "teacher", None) and teacher_source(args, data)[0] == "train"
+    check_batch_split(args, data, script, teacher_to_train)
     on_rank_0(claim_out_dir, args, data, script)
-    if teacher_missing:
+    if teacher_to_train:
         on_rank_0(ensure_writable, teacher_candidates(args, data)[0].parent, "--checkpoint-dir")
     if isinstance(data, StreamedData):
         plural = "es" if data.workers > 1 else ""
@@ -1513,9 +1662,9 @@ def setup(args, script, parser):
         pipeline = (f", streamed, decoded by {decoders} (resized-crop to {data.image_size}px; test: resize "
                     f"{data.eval_resize}, center crop)")
     elif data.augment == "pad-crop":
-        pipeline = ""
+        pipeline = ", on the device (pad-crop)"
     else:
-        pipeline = f", kept at {data.stored_size}px, {data.augment} to {data.image_size}px on the device"
+        pipeline = f", on the device, kept at {data.stored_size}px, {data.augment} to {data.image_size}px"
     log(f"data: {data.name}, {len(data.train_y)} train / {len(data.test_y)} test images, {data.num_classes} "
         f"classes{pipeline}, fingerprint {data.fingerprint}; output: {args.out_dir}")
     torch.manual_seed(args.seed)
@@ -1590,32 +1739,32 @@ def init_distributed(args):
         dist.init_process_group("gloo")
 
 
-def on_rank_0(fn, *args):
-    """fn(*args) on rank 0 alone (the run-folder claim, the lock); its refusal, a SystemExit with a message,
-    reaches every rank, so that all stop with rank 0's line instead of waiting for it."""
+def on_rank_0(fn, *args, share=True):
+    """fn(*args) on rank 0 alone (the run-folder claim, the lock, a file copy), its result returned on every
+    rank (with share; else on rank 0 only); its refusal, a SystemExit with a message, reaches every rank, so
+    that all stop with rank 0's line instead of waiting for it or adding a traceback of their own."""
     if world_size() == 1:
         return fn(*args)
-    outcome = [None]
+    outcome, result = [None, None], None  # [exit code, shared result]
     if rank() == 0:
         try:
-            fn(*args)
+            result = fn(*args)
+            outcome[1] = result if share else None
         except SystemExit as stop:
-            outcome = [stop.code if stop.code is not None else 0]
+            outcome[0] = stop.code if stop.code is not None else 0
     dist.broadcast_object_list(outcome, src=0)
     if outcome[0] is not None:
         raise SystemExit(outcome[0])
+    return result if rank() == 0 else outcome[1]
 
 
 def on_rank_0_first(fn, *args):
-    """fn(*args) on rank 0, then on the other ranks (so that rank 0 alone downloads a dataset); if rank 0
-    fails, torchrun stops the ranks waiting for it."""
-    if world_size() == 1 or rank() == 0:
-        result = fn(*args)
-        if world_size() > 1:
-            dist.barrier()
-        return result
-    dist.barrier()
-    return fn(*args)
+    """fn(*args) on rank 0, then on the other ranks (so that rank 0 alone downloads a dataset); rank 0's
+    refusal (a bad flag, an unreadable file) stops every rank with its one line, as on_rank_0's."""
+    if world_size() == 1:
+        return fn(*args)
+    result = on_rank_0(fn, *args, share=False)
+    return result if rank() == 0 else fn(*args)
 
 
 def from_rank_0(value):
@@ -1627,17 +1776,19 @@ def from_rank_0(value):
     return shared[0]
 
 
-def check_batch_split(args, data, script, teacher_missing):
+def check_batch_split(args, data, script, teacher_to_train):
     """Under torchrun every global batch is split over the ranks: the batch size must divide by the world
-    size, and the epoch's last, smaller batch must give every rank an image (one line otherwise)."""
+    size, and the epoch's last, smaller batch must give every rank an image (one line otherwise); so must
+    the batch of a teacher that will be trained first (its recipe's, see train_teacher)."""
     world = world_size()
     if world == 1:
         return
     student = args.model if script == "common" else args.student
     recipe_batch = RECIPES[recipe_setting(args)][model_family(student)]["batch_size"]
     batches = [("--batch-size", args.batch_size or recipe_batch)]
-    if teacher_missing:
-        batches.append(("the teacher's batch", RECIPES[model_family(args.teacher)]["batch_size"]))
+    if teacher_to_train:
+        batches.append(("the teacher's batch", RECIPES[recipe_setting(args)][model_family(args.teacher)]
+                        ["batch_size"]))
     for what, batch in batches:
         last = len(data.train_y) % batch
         if batch % world:
@@ -1834,6 +1985,7 @@ class StreamedData:
         self.train_y, self.test_y = torch.tensor(train_y).to(device), torch.tensor(test_y).to(device)
         self.name, self.num_classes, self.image_size, self.device = name, num_classes, image_size, device
         self.eval_resize, self.workers, self.fingerprint = eval_resize, workers, fingerprint
+        self.classes = None  # set by load_data
         self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
@@ -2090,34 +2242,110 @@ def train_teacher(args, data, teacher, target):
               **({"pretrained": weights} if weights else {})}
     fit(teacher, data, run_dir, recipe, seed=args.seed, resume=True, fast=fast_paths(args, device),
         eval_every=args.eval_every, log_every=args.log_every, title=f"teacher {args.teacher}", config=config)
-    on_rank_0(move_file, run_dir / "model.pth", target)  # all ranks trained it; rank 0 wrote it
+    on_rank_0(place_teacher, run_dir / "model.pth", target, False, True)  # all ranks trained; rank 0 wrote
 
 
-def move_file(source, target):
+def claim_teacher(path, wait, replace=False):
+    """One process at a time makes (trains, fine-tunes or saves) the teacher cached at `path`: it holds an OS
+    lock on the hidden .<name>.lock beside it until the teacher is in place (place_teacher) or it exits.
+    Another holder is waited for with wait (saying so), else refused in one line. Returns whether the teacher
+    is still to be made: False when another process made it meanwhile (unless it is to be replaced)."""
+    ensure_writable(path.parent, "--checkpoint-dir")
+    lock = FileLock(path.with_name(f".{path.name}.lock"))
+    if not lock.acquire():
+        busy = f"another process is making the teacher {path} (it holds {lock.path})"
+        if not wait:
+            raise SystemExit(f"error: {busy}; run this again once it is done (a method run then uses it)")
+        log(f"{busy}; waiting for it to finish (Ctrl-C stops this run)")
+        lock.acquire(wait=True)
+    if path.exists() and not replace:
+        lock.release()
+        log(f"the teacher {path} was made by another process meanwhile: this run uses it")
+        return False
+    teacher_claims[path] = lock
+    return True
+
+
+teacher_claims = {}  # path of a teacher this process is making -> its FileLock
+
+
+def place_teacher(source, target, replace, move=False):
+    """The teacher made in `source` (a model.pth) put in the cache at `target` (moved there with move, else
+    copied), claimed by this process (claim_teacher), which then lets go of the claim. A teacher already
+    there is replaced only with `replace`, and then with a line saying so."""
+    target = Path(target)
+    if target.exists() and not replace:
+        raise SystemExit(f"error: {target} appeared while this run made its teacher; nothing was replaced. "
+                         f"The teacher made here is {source}")
+    replaced = target.exists()
     try:
-        os.replace(source, target)
+        os.replace(source, target) if move else write_atomic(target, Path(source).read_bytes())
     except OSError as error:
         raise SystemExit(f"error: cannot move {source} to {target} ({error.strerror or error})") from None
+    if replaced:
+        log(f"replaced the earlier teacher {target}")
+    lock = teacher_claims.pop(target, None)
+    if lock:
+        lock.release()
 
 
-def load_teacher(args, data):
-    """The frozen teacher in eval mode: from --teacher-ckpt, else from checkpoints/, else trained first;
-    with --teacher-weights, torchvision's weights themselves for ImageNet's 1000 classes, fine-tuned from
-    them (and cached) for other data. Its record (file, epochs, accuracy, data fingerprint, weights
-    fingerprint) goes into summary.json."""
-    device = data.device
+def keep_teacher_copy(source, copy):
+    """The run's own copy of its teacher's file, so that a resume reads the teacher it was distilled from,
+    whatever the shared cache holds by then: a hard link where the file system allows (no space taken; the
+    cache replaces files through a rename, which leaves the link's content as it was), else a copy."""
+    source, copy = Path(source), Path(copy)
+    if copy.exists() and copy.samefile(source):
+        return
+    tmp = copy.with_name(copy.name + ".tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(source, tmp)
+        os.replace(tmp, copy)
+    except OSError:  # another file system, or links not allowed
+        tmp.unlink(missing_ok=True)
+        write_atomic(copy, source.read_bytes())
+
+
+def teacher_source(args, data):
+    """Where the run's teacher comes from, decided in one place from the flags and the disk as rank 0 sees
+    it: ("run", path) for the run's own copy, when it is resumed (from the cache: a --teacher-ckpt given is
+    read, and checked against the run's teacher, see run_identity); ("torchvision", None) for torchvision's
+    --teacher-weights as they are (data of 1000 classes); ("file", path) for --teacher-ckpt or a teacher
+    found in the cache; ("train", path) for one that is trained (or fine-tuned) first and cached at path."""
     weights = getattr(args, "teacher_weights", None)
     if weights and args.teacher_ckpt:
         raise SystemExit("error: --teacher-weights and --teacher-ckpt each give the teacher; pass one")
+    copy = run_teacher_copy(args)
+    if getattr(args, "resume", False) and copy and not args.teacher_ckpt and from_rank_0(copy.is_file()):
+        return "run", copy
     if weights and data.num_classes == 1000:
-        return frozen_teacher(torchvision_teacher(args, data), args, device)
+        return "torchvision", None
+    if args.teacher_ckpt:
+        return "file", Path(args.teacher_ckpt)
+    candidates = teacher_candidates(args, data)
+    found = from_rank_0(next((p for p in candidates if p.exists()), None))
+    return ("file", found) if found else ("train", candidates[0])
+
+
+def load_teacher(args, data):
+    """The frozen teacher in eval mode (see teacher_source): from --teacher-ckpt, else from checkpoints/,
+    else trained first; with --teacher-weights, torchvision's weights themselves for ImageNet's 1000 classes,
+    fine-tuned from them (and cached) for other data. Its record (file, epochs, accuracy, data fingerprint,
+    weights fingerprint) goes into summary.json."""
+    device = data.device
+    source, path = teacher_source(args, data)
+    copy = run_teacher_copy(args)
+    if source == "torchvision" or (source == "run" and data.num_classes == 1000 and args.teacher_weights):
+        teacher = torchvision_teacher(args, data, copy if source == "run" else None)
+        if copy and not (args.resume and copy.exists()):
+            on_rank_0(keep_teacher_copy, teacher.source["file"], copy)
+        return measured(frozen_teacher(teacher, args, device), data, args)
     teacher = build_model(args.teacher, data.num_classes, device)
     candidates = teacher_candidates(args, data)
-    path = Path(args.teacher_ckpt) if args.teacher_ckpt else next((p for p in candidates if p.exists()), None)
-    path = from_rank_0(path)  # under torchrun every rank takes rank 0's view of the disk
-    if path is None:
-        path = candidates[0]
+    if source == "train" and on_rank_0(claim_teacher, path, world_size() == 1):
         train_teacher(args, data, teacher, path)
+    if source == "run":
+        return measured(frozen_teacher(run_teacher(args, teacher, path), args, device), data, args)
     checkpoint = load_weights(teacher, path)
     epochs, trained_on = checkpoint.get("epoch"), checkpoint.get("data")
     if trained_on and trained_on != data.fingerprint:
@@ -2137,7 +2365,42 @@ def load_teacher(args, data):
                  else f"data {trained_on or 'not recorded'}")
     log(f"teacher {args.teacher} from {path} (epochs: {epochs or 'not recorded'}, accuracy: "
         f"{checkpoint.get('accuracy')}, trained on {data_note})")
-    return frozen_teacher(teacher, args, device)
+    if copy and not (args.resume and copy.exists()):  # a resume never replaces the run's teacher
+        on_rank_0(keep_teacher_copy, path, copy)
+    return measured(frozen_teacher(teacher, args, device), data, args)
+
+
+def run_teacher_copy(args):
+    """Where a run keeps the copy of its teacher's file (None for a teacher loaded outside a run folder)."""
+    return Path(args.out_dir) / RUN_TEACHER if getattr(args, "out_dir", None) else None
+
+
+def run_teacher(args, teacher, copy):
+    """A resumed run's teacher: the copy of the file it was distilled from, kept in its folder."""
+    checkpoint = load_weights(teacher, copy)
+    epochs, accuracy = checkpoint.get("epoch"), checkpoint.get("accuracy")
+    teacher.source = {"file": str(copy), "epochs": epochs, "accuracy": accuracy,
+                      "data": checkpoint.get("data")}
+    log(f"teacher {args.teacher} from the run's own copy {copy} (epochs: {epochs or 'not recorded'}, "
+        f"accuracy: {accuracy})")
+    return teacher
+
+
+def measured(teacher, data, args):
+    """A teacher is measured before it teaches, however it was obtained: its accuracy on this run's test
+    split, in one line and in its record (summary.json), with a plain warning when it is near chance (a
+    wrong class order or normalisation, or a teacher trained too briefly)."""
+    metrics = evaluate(data, default_eval(teacher), teacher, [], fast_paths(args, data.device))
+    teacher.source.update(metrics)
+    top5 = f", top-5 {metrics['test_top5']:.2f} %" if "test_top5" in metrics else ""
+    log(f"teacher {teacher.arch} measured on this run's test split ({len(data.test_y)} images): top-1 "
+        f"{metrics['test_acc']:.2f} %{top5}")
+    chance = 100 / data.num_classes
+    if metrics["test_acc"] < 2 * chance:
+        log(f"warning: the teacher's top-1 accuracy {metrics['test_acc']:.2f} % is near chance "
+            f"({chance:.3g} %): it has little to teach. Trained too briefly, or its classes or normalisation "
+            "differ from this data's (torchvision's ImageNet weights expect the wnid folders, sorted)")
+    return teacher
 
 
 def frozen_teacher(teacher, args, device):
@@ -2150,20 +2413,34 @@ def frozen_teacher(teacher, args, device):
     return teacher
 
 
-def torchvision_teacher(args, data):
-    """--teacher-weights NAME on data of ImageNet's 1000 classes: torchvision's weights are the teacher."""
-    state, record = torchvision_weights(args.teacher, args.teacher_weights)
+def torchvision_teacher(args, data, run_copy=None):
+    """--teacher-weights NAME on data of ImageNet's 1000 classes: torchvision's weights are the teacher, as
+    they are (from the run's copy of their file on a resume). Their outputs are ImageNet's classes in the
+    sorted order of the wnids: the class folders must be named so (checked), and --teacher-epochs has
+    nothing to train (said)."""
+    named = [name for name in data.classes or [] if not re.fullmatch(r"n\d{8}", name)]
+    if data.classes is None or named:
+        shown = f"{', '.join(named[:3])}{', ...' if len(named) > 3 else ''}" if named else "not named"
+        raise SystemExit(f"error: torchvision's {args.teacher_weights} weights output ImageNet's classes in "
+                         "the sorted order of their wnids (n01440764, n01443537, ...), but this data's 1000 "
+                         f"classes are {shown}: name the class folders by their wnids, or train a teacher on "
+                         "this data")
+    state, record = torchvision_weights(args.teacher, args.teacher_weights, run_copy)
     teacher = start_from_weights(args.teacher, state, 1000, data.device)
-    teacher.source = {"file": record["file"], "epochs": None, "accuracy": record["accuracy"], "data": None}
-    log(f"teacher {args.teacher}: torchvision's {args.teacher_weights} weights (ImageNet top-1 "
-        f"{record['accuracy']})")
+    teacher.source = {"file": record["file"], "epochs": None, "accuracy": None,
+                      "published_accuracy": record["accuracy"], "data": None}
+    unused = (f"; --teacher-epochs {args.teacher_epochs} is not used: there is nothing to fine-tune"
+              if args.teacher_epochs != STANDARD_TEACHER_EPOCHS else "")
+    log(f"teacher {args.teacher}: torchvision's {args.teacher_weights} weights as they are (published "
+        f"ImageNet top-1 {record['accuracy']}){unused}")
     return teacher
 
 
-def torchvision_weights(name, weights_name):
+def torchvision_weights(name, weights_name, run_copy=None):
     """torchvision's `weights_name` weights (IMAGENET1K_V1, ...) of the ImageNet model `name` (tv_*), through
     its weights API: from the hub cache under TORCH_HOME, downloaded there when the network allows; one line
-    naming the file and where to put it otherwise. Returns (state_dict, {file, accuracy})."""
+    naming the file and where to put it otherwise (run_copy: a resumed run's copy of that file instead).
+    Returns (state_dict, {file, accuracy})."""
     import torchvision
 
     from models.imagenet import torchvision_classes
@@ -2178,13 +2455,16 @@ def torchvision_weights(name, weights_name):
                          f"{', '.join(choices.__members__)}")
     weights = choices[weights_name]
     target = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    accuracy = weights.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1")
+    if run_copy is not None:
+        return torch.load(run_copy, map_location="cpu", weights_only=True), {"file": str(run_copy),
+                                                                             "accuracy": accuracy}
     try:
         state = weights.get_state_dict(progress=False)
     except Exception as error:  # no network (URLError), a broken file, ...
         raise SystemExit(f"error: cannot load torchvision's {source} {weights_name} weights "
                          f"({type(error).__name__}); without a network, download {weights.url} elsewhere and "
                          f"put it at {target}") from None
-    accuracy = weights.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1")
     return state, {"file": str(target), "accuracy": accuracy}
 
 
@@ -2220,8 +2500,9 @@ def teacher_record(teacher):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Train one model alone with the standard recipe "
                                      "(teachers, plain-student baselines).")
-    parser.add_argument("--model", required=True, choices=MODEL_NAMES, metavar="NAME",
-                        help="architecture: " + ", ".join(MODEL_NAMES))
+    parser.add_argument("--model", choices=MODEL_NAMES, metavar="NAME",
+                        help="architecture (required, except with --evaluate FILE when the file names it): "
+                             + ", ".join(MODEL_NAMES))
     add_common_args(parser)
     parser.add_argument("--pretrained", nargs="?", const="IMAGENET1K_V1", metavar="WEIGHTS",
                         help="start a torchvision model (tv_*) from torchvision's weights of that name "
@@ -2234,16 +2515,20 @@ def main(argv=None):
                              "this data: checkpoints/<data>/<model>.pth, or <model>_<E>ep.pth for --epochs E "
                              "other than 240, found by --teacher-epochs E (see --checkpoint-dir); with "
                              "--pretrained W, <model>-<W>..., found by --teacher-weights W")
+    parser.add_argument("--evaluate", type=path_flag, metavar="FILE",
+                        help="train nothing: print the top-1 and top-5 test accuracy of the model saved in "
+                             "FILE (a model.pth, a teacher, a state_dict) on the data the flags describe")
     args = parser.parse_args(argv)
+    if args.evaluate:
+        return evaluate_file(args)
+    if args.model is None:
+        parser.error("the following arguments are required: --model")
     device, data = setup(args, "common", parser)
     start = args.pretrained and (Path(args.pretrained).stem if Path(args.pretrained).expanduser().is_file()
                                  else args.pretrained)  # what the teacher's file name says it started from
     teacher_file = teacher_path(args, data, args.model, args.epochs, start)
     if args.save_as_teacher:
-        if teacher_file.exists() and not args.overwrite:
-            raise SystemExit(f"error: {teacher_file} exists; move it away first, or add --overwrite to "
-                             "replace it")
-        ensure_writable(teacher_file.parent, "--checkpoint-dir")
+        on_rank_0(claim_teacher_file, teacher_file, args.overwrite)
     if args.pretrained:
         state, record = pretrained_weights(args.model, args.pretrained)
         model = start_from_weights(args.model, state, data.num_classes, device)
@@ -2256,9 +2541,53 @@ def main(argv=None):
         model = build_model(args.model, data.num_classes, device, sync_bn=args.sync_bn)
     fit(model, data, args.out_dir, make_recipe(args, model_family(args.model), model_name=args.model),
         **run_options(args))
-    if args.save_as_teacher:
-        save_atomic(torch.load(Path(args.out_dir) / "model.pth", weights_only=True), teacher_file)
+    if args.save_as_teacher:  # rank 0 wrote model.pth and copies it; the other ranks wait for it
+        on_rank_0(place_teacher, Path(args.out_dir) / "model.pth", teacher_file, args.overwrite)
         log(f"saved as the {args.model} teacher of this data: {teacher_file}")
+
+
+def claim_teacher_file(teacher_file, overwrite):
+    """--save-as-teacher, before training: the teacher's place is free (or --overwrite), writable, and claimed
+    by this run (claim_teacher), so that two runs never replace each other's teacher."""
+    exists = f"error: {teacher_file} exists; move it away first, or add --overwrite to replace it"
+    if teacher_file.exists() and not overwrite:
+        raise SystemExit(exists)
+    ensure_writable(teacher_file.parent, "--checkpoint-dir")
+    if not claim_teacher(teacher_file, wait=False, replace=overwrite):  # made since the check above
+        raise SystemExit(exists)
+
+
+def evaluate_file(args):
+    """common.py --evaluate FILE: the saved model's top-1 and top-5 accuracy on the test split of the data
+    the flags describe, in one line; nothing is trained or written."""
+    path = Path(args.evaluate).expanduser()
+    if not path.is_file():
+        raise SystemExit(f"error: --evaluate {path}: no such file")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        raise SystemExit(f"error: {path} is not a readable PyTorch checkpoint ({type(error).__name__})") \
+            from None
+    state = saved.get("model", saved) if isinstance(saved, dict) else {}
+    arch = args.model or saved.get("arch") or identify_architecture(state)
+    if arch is None:
+        raise SystemExit(f"error: {path} does not say which architecture it holds; pass --model NAME")
+    args.model = arch
+    device = torch.device(args.device)
+    data = load_data(args, device)
+    model = build_model(arch, data.num_classes, device)
+    load_weights(model, path)
+    fast = fast_paths(args, device)
+    if fast.channels_last:
+        model.to(memory_format=torch.channels_last)
+    metrics = evaluate(data, default_eval(model), model, [], fast)
+    top5 = f", top-5 {metrics['test_top5']:.2f} %" if "test_top5" in metrics else ""
+    trained_on = saved.get("data") if isinstance(saved, dict) else None
+    note = "" if trained_on in (None, data.fingerprint) else \
+        f" (the model's training data: {trained_on}; this data: {data.fingerprint})"
+    log(f"{path}: {arch}, top-1 {metrics['test_acc']:.2f} %{top5} on the {len(data.test_y)} test images of "
+        f"{dataset_tag(args, data)}{note}")
+    return metrics
 
 
 if __name__ == "__main__":

@@ -342,7 +342,7 @@ def make_eval_fn(args, student, teacher, space, low_pass):
 
     def eval_fn(x, y):
         student_logits, _, per_stage = stage_alignment(x, student, teacher, space, low_pass, **alignment)
-        metrics = {"test_acc": 100.0 * (student_logits.argmax(1) == y).float().mean()}
+        metrics = common.accuracies(student_logits, y)
         for k, (loss, accuracy) in zip(args.stages, per_stage):
             metrics[f"test_lfcc_s{k}"], metrics[f"test_rank_acc_s{k}"] = loss, accuracy
         return metrics

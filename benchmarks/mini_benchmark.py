@@ -70,18 +70,19 @@ def commit():
 
 
 def run(command, run_dir, threads):
-    """Run one command with its log in run_dir/log.txt; returns wall seconds, or None if it failed."""
+    """Run one command with its output (stdout and stderr) in run_dir/output.txt; returns wall seconds, or None if
+    it failed."""
     if (run_dir / "summary.json").exists():  # finished meanwhile (by another invocation): keep its run_info
         return wall_seconds(run_dir) or 0.0
     run_dir.mkdir(parents=True, exist_ok=True)
     say("$ " + " ".join(command))
     start = time.time()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    with open(run_dir / "log.txt", "a") as log:
+    with open(run_dir / "output.txt", "a") as log:  # the run keeps its own log.txt beside it
         code = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     seconds = time.time() - start
     if code != 0:
-        say(f"FAILED (exit {code}) after {seconds:.0f}s: see {run_dir / 'log.txt'}")
+        say(f"FAILED (exit {code}) after {seconds:.0f}s: see {run_dir / 'output.txt'}")
         return None
     info = {"seconds": round(seconds, 1), "commit": commit(), "threads": threads, "command": command}
     (run_dir / "run_info.json").write_text(json.dumps(info, indent=1) + "\n")
@@ -137,7 +138,7 @@ def main():
         failed = sum(r is None for r in results)
     write_table(out, args)
     if failed:
-        sys.exit(f"{failed} runs failed (see their log.txt); rerun the same command to retry them")
+        sys.exit(f"{failed} runs failed (see their output.txt); rerun the same command to retry them")
 
 
 def print_feature_energy(teacher_file, data_dir):

@@ -186,10 +186,10 @@ def refused(monkeypatch, capsys, main, *argv):
 
 
 def files_in(folder):
-    """{relative path: bytes} of every file under `folder` but the (empty) lock files: what a refusal must leave
-    as it was."""
+    """{relative path: bytes} of every file under `folder` but the (empty) lock files and the log, which a run
+    only appends to (a refusal too, with its line): what a refusal must leave as it was."""
     return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+            if p.is_file() and p.name not in (".lock", common.RUN_LOG)}
 
 
 TEACHER_FILE = Path("checkpoints") / "synthetic-subset100" / "resnet8_1ep.pth"  # where --teacher-epochs 1 looks

@@ -2,7 +2,6 @@
 torchvision's RandomResizedCrop drawn for every sample at once (resized_crop_boxes) and applied in two
 gathers (resized_crops): exact values against F.interpolate of each crop, boxes within bounds and with
 torchvision's distribution, one crop per sample, deterministic in (seed, epoch), sharded like the rest."""
-import math
 
 import pytest
 import torch
@@ -119,7 +118,7 @@ def test_a_run_kept_at_32_and_trained_at_48(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     run(monkeypatch, common.main, "--model", "resnet8", *TINY, "--image-size", 48, "--store-size", 32,
         "--epochs", 1, "--out-dir", "run")
-    assert "kept at 32px, resized-crop to 48px on the device" in capsys.readouterr().out
+    assert "on the device, kept at 32px, resized-crop to 48px" in capsys.readouterr().out
     assert (tmp_path / "run" / "model.pth").exists()
 
 

@@ -89,6 +89,22 @@ def test_missing_cifar_without_network_says_what_to_do(monkeypatch, tmp_path):
     assert str(tmp_path) in message and "download=True" in message
 
 
+def test_cifar_files_that_fail_the_md5_check_are_named(tmp_path):
+    """A damaged or partial download is not 'missing': the line says which file is wrong and what to do."""
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    for name in ("train", "test", "meta"):
+        (folder / name).write_bytes(b"not the real file")
+    with pytest.raises(SystemExit) as error:
+        common.load_data(make_args("--data-dir", tmp_path), torch.device("cpu"))
+    assert str(error.value) == (f"error: {folder}/ is incomplete or damaged (damaged (fail torchvision's md5 check): "
+                                f"train, test, meta): a partial or broken download. Delete {folder}/ and download "
+                                "it again, or pass --data-dir DIR where a good copy is")
+    (folder / "test").unlink()
+    with pytest.raises(SystemExit, match=r"\(damaged \(fail torchvision's md5 check\): train, meta; missing: test\)"):
+        common.load_data(make_args("--data-dir", tmp_path), torch.device("cpu"))
+
+
 # ------------------------------------------- image folders: every file read or counted, none distorted
 
 def image_folder(root, files):

@@ -5,7 +5,7 @@ refusal is rank 0's one line.
 One spawn of 2 worker processes (torch.multiprocessing, a file rendezvous) runs every 2-rank training case of
 this file; the single-process references run in the test process. The students have no BatchNorm (the
 tiny MLP-Mixer) and the teachers are frozen, so that 2 ranks and 1 process compute the same gradients."""
-import os
+import argparse
 import signal
 import subprocess
 import sys
@@ -81,6 +81,8 @@ def worker(rank, data, folder, z_student, z_teacher, streamed):
     results["resumed_on_2"] = train("kd", data, folder / "killed_on_1", "--resume")
     results["kd_streamed"] = train("kd", streamed, folder / "kd_streamed")
     train("kd", data, folder / "killed_on_2", kill_in_epoch_2=True)
+    common.main([str(a) for a in ("--model", "resnet8", *TINY, "--epochs", 1, "--out-dir", folder / "saved_teacher",
+                                  "--checkpoint-dir", folder / "checkpoints", "--save-as-teacher")])
     torch.save(results, folder / f"results{rank}.pt")
     dist.destroy_process_group()
 
@@ -98,7 +100,7 @@ def runs(synthetic_data, tmp_path_factory):
                                           "--workers", 0), torch.device("cpu"))
     single["kd_streamed"] = train("kd", streamed, folder / "single_kd_streamed")
     train("kd", data, folder / "killed_on_1", kill_in_epoch_2=True)  # for the 2 ranks to resume
-    common._locked_dirs.pop((folder / "killed_on_1").resolve()).close()  # as if this process had ended
+    common._locked_dirs.pop((folder / "killed_on_1").resolve()).release()  # as if this process had ended
     g = torch.Generator().manual_seed(0)
     z_student = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=1)
     z_teacher = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=1)
@@ -147,6 +149,31 @@ def test_the_gathered_info_nce_is_the_single_process_info_nce_of_the_whole_batch
     torch.testing.assert_close(torch.cat([grad_t0, grad_t1]) / WORLD, z_t.grad)
 
 
+def test_save_as_teacher_on_two_ranks_saves_rank_0s_model_pth(runs):
+    """Rank 0 alone writes model.pth; the other ranks wait for its copy into the teacher cache instead of
+    reading a model.pth that may not exist yet."""
+    folder = runs[3]
+    [teacher] = (folder / "checkpoints").glob("*/resnet8_1ep.pth")
+    assert teacher.read_bytes() == (folder / "saved_teacher" / "model.pth").read_bytes()
+
+
+def test_the_batch_split_check_knows_the_recipe_of_a_teacher_still_to_train(monkeypatch, synthetic_data):
+    """Under torchrun, the batch of a teacher that is trained first is its recipe row's (setting, family); a
+    torchvision teacher of 1000 classes is used as it is, nothing to train."""
+    monkeypatch.setattr(common, "world_size", lambda: 2)
+    monkeypatch.setattr(common, "from_rank_0", lambda value: value)
+    data = data_slice(synthetic_data, 129, 10)  # 129 = 128 + 1: the ofa recipe's teacher batch leaves 1 image
+    args = make_args("--teacher", "tv_resnet34", "--student", "tv_resnet18", "--dataset", "cifar100",
+                     "--image-size", 224, "--batch-size", 6, "--checkpoint-dir", "nowhere")
+    assert common.teacher_source(args, data) == ("train", common.teacher_candidates(args, data)[0])
+    with pytest.raises(SystemExit, match="the last batch of an epoch holds 1 images .* change --train-subset or the "
+                                         "teacher's batch"):
+        common.check_batch_split(args, data, "blockwise_kd", True)
+    common.check_batch_split(args, data_slice(synthetic_data, 130, 10), "blockwise_kd", True)
+    args = make_args("--teacher", "tv_resnet34", "--teacher-weights", "IMAGENET1K_V1", "--student", "tv_resnet18")
+    assert common.teacher_source(args, argparse.Namespace(num_classes=1000)) == ("torchvision", None)
+
+
 def test_a_one_process_checkpoint_resumes_on_two_ranks(runs):
     single, ranks, *_ = runs
     assert largest_difference(single["kd"], ranks[0]["resumed_on_2"]) < 2e-4
@@ -192,7 +219,7 @@ def test_under_torchrun_sigterm_and_a_refusal_are_rank_0s_one_line(tmp_path):
     assert run.returncode != 0, out
     lines = out.strip().splitlines()
     assert sum(line.startswith("data: synthetic") for line in lines) == 1  # rank 0 alone logs
-    assert lines[-1].startswith(f"interrupted (SIGTERM): the last complete checkpoint is run/checkpoint.pt")
+    assert lines[-1].startswith("interrupted (SIGTERM): the last complete checkpoint is run/checkpoint.pt")
     assert lines[-1].endswith(f"to resume: torchrun --nproc_per_node={WORLD} {ROOT / 'common.py'} --model resnet8 "
                               f"{' '.join(TINY)} --epochs 50 --out-dir run --device cpu --resume")
     start = time.time()

@@ -17,7 +17,7 @@ import torch
 import blockwise_kd as bkd
 import common
 import sskd
-from conftest import METHOD_RUN, TINY, files_in, make_args, read_summary, refused, run
+from conftest import METHOD_RUN, TEACHER_FILE, TINY, files_in, make_args, read_summary, refused, run
 
 
 class Killed(BaseException):
@@ -55,7 +55,8 @@ def test_overwrite_empties_the_folder_so_a_killed_overwrite_leaves_nothing_to_ad
     removed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("--overwrite: removed")]
     assert len(removed) == 1 and f"from {out} (" in removed[0]
     assert all(name in removed[0] for name in ("checkpoint.pt", "model.pth", "summary.json", "stage1/"))
-    assert files_in(out) == {Path("run.json"): (out / "run.json").read_bytes(), Path("metrics.jsonl"): b""}
+    assert set(files_in(out)) == {Path("run.json"), Path("teacher.pth")}  # the new run's, its log.txt, nothing else
+    assert removed[0] in (out / "log.txt").read_text()
     monkeypatch.setattr(common, "learning_rate", learning_rate)
     run(monkeypatch, bkd.main, *METHOD_RUN, "--out-dir", out, "--resume", "--alpha", 0.5, "--gamma", 0)
     assert "resumed" not in capsys.readouterr().out  # no checkpoint to continue: trained afresh
@@ -118,10 +119,50 @@ def test_overwrite_refuses_a_folder_that_holds_no_run(tmp_path, monkeypatch, cap
 
 
 def test_resume_in_a_folder_with_files_of_no_run_starts_the_run(tmp_path, monkeypatch, capsys):
-    """The mini-benchmark writes its log.txt into a run folder before the run starts with --resume."""
-    (tmp_path / "log.txt").write_text("")
+    """The mini-benchmark writes its output.txt into a run folder before the run starts with --resume."""
+    (tmp_path / "output.txt").write_text("")
     common_run(monkeypatch, tmp_path, "--resume")
-    assert (tmp_path / "model.pth").exists() and (tmp_path / "log.txt").exists()
+    assert (tmp_path / "model.pth").exists() and (tmp_path / "output.txt").exists()
+
+
+@pytest.mark.parametrize("script", ["common", "sskd"])
+def test_a_run_that_failed_at_its_first_step_does_not_block_the_same_command(script, workdir, tmp_path, monkeypatch,
+                                                                            capsys):
+    """A crash before the first epoch ended (an out-of-memory error, a bad flag found late) leaves run.json, the
+    log and, for SSKD, a phase folder: no result. The same command, as written, then runs."""
+    monkeypatch.chdir(workdir)
+    out = tmp_path / "run"
+    main, argv = {"common": (common.main, ["--model", "resnet8", *TINY, "--epochs", 1]),
+                  "sskd": (sskd.main, METHOD_RUN)}[script]
+    learning_rate = common.learning_rate
+
+    def out_of_memory(recipe, progress):
+        raise RuntimeError("CUDA out of memory")
+    monkeypatch.setattr(common, "learning_rate", out_of_memory)
+    with pytest.raises(RuntimeError):
+        run(monkeypatch, main, *argv, "--out-dir", out)
+    assert not list(common.run_results(out))
+    monkeypatch.setattr(common, "learning_rate", learning_rate)
+    run(monkeypatch, main, *argv, "--out-dir", out)
+    assert (out / "model.pth").exists() and "CUDA out of memory" not in (out / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("script", ["common", "sskd"])
+def test_resume_never_trains_again_a_finished_run_whose_checkpoint_was_deleted(script, workdir, finished_runs,
+                                                                               tmp_path, monkeypatch, capsys):
+    if script == "common":
+        out = tmp_path / "alone"
+        shutil.copytree(workdir / "alone", out, ignore=shutil.ignore_patterns(".lock"))
+        main, argv = common.main, ["--model", "resnet8", *TINY, "--epochs", 1]
+    else:
+        out, main, argv = copy_of(finished_runs, "sskd", tmp_path), sskd.main, METHOD_RUN
+    for checkpoint in out.rglob("checkpoint.pt"):
+        checkpoint.unlink()
+    before = files_in(out)
+    monkeypatch.chdir(workdir)
+    message = refused(monkeypatch, capsys, main, *argv, "--out-dir", out, "--resume")
+    assert message.startswith(f"error: cannot resume {out}: it holds results (") and "no checkpoint.pt" in message
+    assert files_in(out) == before
 
 
 # ------------------------------------------------------------------------------ damaged run folders
@@ -237,12 +278,15 @@ def test_a_file_that_cannot_be_replaced_is_one_line_and_stays_as_it_was(tmp_path
     assert path.read_bytes() == b"the last complete checkpoint" and os.listdir(tmp_path) == ["checkpoint.pt"]
 
 
-def test_every_file_a_run_writes_is_written_atomically(finished_runs):
+def test_every_file_a_run_writes_is_written_atomically(finished_runs, workdir):
     """The class of half-written files: each file in a finished run folder (an SSKD run's phases included)
-    was last written through common.write_atomic, so none can be left half-written."""
+    was last written through common.write_atomic, so none can be left half-written; log.txt apart, which is
+    appended line by line (its last line at worst is cut)."""
     for script in ("blockwise_kd", "sskd", "lfcc"):
         out, _, written = finished_runs[script]
-        files = {p.resolve() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+        files = {p.resolve() for p in out.rglob("*") if p.is_file() and p.name not in (".lock", common.RUN_LOG)}
+        assert (out / common.RUN_TEACHER).samefile(workdir / TEACHER_FILE)  # a hard link, a rename atomically
+        files.remove((out / common.RUN_TEACHER).resolve())
         assert len(files) >= 5 and files <= {p.resolve() for p in written}, script
 
 

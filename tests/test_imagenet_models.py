@@ -2,7 +2,6 @@
 their keys unchanged; DeiT-Tiny/Small, MLP-Mixer B/16 and the KD benchmarks' MobileNetV1 equal to their
 reference implementations (keys, shapes, outputs in float64, from ../shared/reference/imagenet_oracle.json);
 the methods reading class-token teachers."""
-import argparse
 import json
 import math
 from pathlib import Path
@@ -204,14 +203,42 @@ def test_weights_in_torch_home_load_strictly_and_get_a_new_head(torch_home, synt
     ours = model.state_dict()
     assert all(torch.equal(ours[k], v) for k, v in imagenet.items() if not k.startswith("fc."))
     assert ours["fc.weight"].shape == (10, 512)  # a new head for the data's classes
-    # As a teacher of ImageNet's 1000 classes: the weights themselves, frozen.
-    args = make_args("--teacher", "tv_resnet18", "--teacher-weights", "IMAGENET1K_V1",
+
+
+def test_torchvision_weights_teach_1000_wnid_classes_as_they_are_and_are_measured_first(torch_home, tmp_path, capsys):
+    """As the teacher of ImageNet's 1000 classes the weights are used as they are, frozen; they are measured on
+    the run's validation split first (recorded beside the published number, with a warning near chance), the
+    class folders must be wnids (the weights' outputs are their sorted order), and --teacher-epochs, which has
+    nothing to train, is said to be unused."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c in range(1000):
+            (tmp_path / "imagenet" / split / f"n{c:08d}").mkdir(parents=True)
+            Image.new("RGB", (8, 8), (c % 256, c // 256, 0)).save(tmp_path / "imagenet" / split / f"n{c:08d}" / "0.JPEG")
+    torch.manual_seed(3)
+    imagenet = models.create_model("tv_resnet18", 1000).state_dict()
+    torch_home.mkdir(parents=True)
+    torch.save(imagenet, torch_home / "resnet18-f37072fd.pth")
+    args = make_args("--teacher", "tv_resnet18", "--teacher-weights", "IMAGENET1K_V1", "--dataset", "imagenet",
+                     "--data-dir", tmp_path / "imagenet", "--image-size", 32, "--workers", 0, "--teacher-epochs", 30,
                      method_args=bkd.add_args)
-    imagenet_data = argparse.Namespace(num_classes=1000, device=torch.device("cpu"))
-    teacher = common.load_teacher(args, imagenet_data)
+    data = common.load_data(args, torch.device("cpu"))
+    assert data.num_classes == 1000 and data.classes[:2] == ["n00000000", "n00000001"]
+    teacher = common.load_teacher(args, data)
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
-    assert common.teacher_record(teacher)["accuracy"] == 69.758
     assert all(torch.equal(teacher.state_dict()[k], v) for k, v in imagenet.items())
+    record = common.teacher_record(teacher)
+    assert record["published_accuracy"] == 69.758 and record["accuracy"] is None
+    assert 0 <= record["test_acc"] <= record["test_top5"] <= 100
+    out = capsys.readouterr().out
+    assert "--teacher-epochs 30 is not used: there is nothing to fine-tune" in out
+    assert f"teacher tv_resnet18 measured on this run's test split (1000 images): top-1 {record['test_acc']:.2f} %" in out
+    assert "warning: the teacher's top-1 accuracy" in out and "near chance (0.1 %)" in out  # random weights
+    data.classes = [f"class{c}" for c in range(1000)]
+    with pytest.raises(SystemExit, match=r"but this data's 1000 classes are class0, class1, class2, \.\.\.: name the "
+                                         "class folders by their wnids"):
+        common.load_teacher(args, data)
 
 
 def test_a_teacher_fine_tuned_from_torchvision_weights_is_that_of_common_py_and_cached_under_their_name(

@@ -7,8 +7,7 @@ changed."""
 import argparse
 import fcntl
 import json
-import sys
-from pathlib import Path
+import threading
 
 import numpy as np
 import pytest
@@ -17,8 +16,6 @@ from PIL import Image
 
 import blockwise_kd as bkd
 import common
-import lfcc
-import sskd
 from conftest import TEACHER_FILE, TINY, files_in, make_parser, refused, run
 
 
@@ -235,3 +232,66 @@ def test_unwritable_folders_are_found_before_anything_is_trained(tmp_path, monke
     message = refused(monkeypatch, capsys, bkd.main, "--teacher", "resnet8", "--student", "resnet8", *TINY,
                       "--out-dir", tmp_path / "run", "--checkpoint-dir", tmp_path / "a_file" / "checkpoints")
     assert message.startswith("error: cannot write to --checkpoint-dir")
+
+
+# ------------------------------------------------------------------ the teacher cache, shared by runs
+
+METHOD = ["--teacher", "resnet8", "--teacher-epochs", 1, "--student", "resnet8", *TINY, "--epochs", 1]
+
+
+def test_a_teacher_being_made_by_another_process_is_waited_for_and_used(tmp_path, monkeypatch, capsys):
+    """Two runs that need the same missing teacher: the one that claims it second waits, then uses the first's
+    teacher instead of training its own over it (the other process stands in as a thread holding the claim)."""
+    monkeypatch.chdir(tmp_path)
+    run(monkeypatch, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--out-dir", "made_elsewhere")
+    target = tmp_path / TEACHER_FILE
+    target.parent.mkdir(parents=True)
+    other = common.FileLock(target.with_name(f".{target.name}.lock"))
+    assert other.acquire()
+
+    def the_other_run_finishes():
+        target.write_bytes((tmp_path / "made_elsewhere" / "model.pth").read_bytes())
+        other.release()
+    threading.Timer(1.0, the_other_run_finishes).start()
+    run(monkeypatch, bkd.main, *METHOD, "--out-dir", "waited")
+    out = capsys.readouterr().out
+    assert f"another process is making the teacher {TEACHER_FILE} (it holds " in out and "waiting for it" in out
+    assert f"the teacher {TEACHER_FILE} was made by another process meanwhile: this run uses it" in out
+    assert "training it first" not in out, out
+    assert not list((tmp_path / "checkpoints" / "synthetic-subset100").glob("*_run_*"))
+    assert target.read_bytes() == (tmp_path / "made_elsewhere" / "model.pth").read_bytes()  # not replaced
+
+
+def test_save_as_teacher_is_refused_while_another_process_makes_that_teacher(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / TEACHER_FILE).parent.mkdir(parents=True)
+    other = common.FileLock((tmp_path / TEACHER_FILE).with_name(".resnet8_1ep.pth.lock"))
+    assert other.acquire()
+    message = refused(monkeypatch, capsys, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--out-dir", "a",
+                      "--save-as-teacher")
+    assert message.startswith(f"error: another process is making the teacher {TEACHER_FILE} (it holds ")
+    assert not (tmp_path / "a" / "checkpoint.pt").exists()  # refused before training
+    other.release()
+
+
+def test_a_run_resumes_with_its_own_teacher_whatever_the_cache_holds_later(tmp_path, monkeypatch, capsys):
+    """The cache's teacher replaced after a run (another seed's, or --overwrite): the run keeps a copy (a hard
+    link) of the teacher it was distilled from, and its --resume uses that copy; a fresh run uses the new one."""
+    monkeypatch.chdir(tmp_path)
+    run(monkeypatch, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--seed", 1, "--out-dir", "t1",
+        "--save-as-teacher")
+    run(monkeypatch, bkd.main, *METHOD, "--out-dir", "distilled")
+    first = torch.load(tmp_path / "distilled" / "teacher.pth", weights_only=True)["model"]
+    run(monkeypatch, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--seed", 2, "--out-dir", "t2",
+        "--save-as-teacher", "--overwrite")
+    assert f"replaced the earlier teacher {TEACHER_FILE}" in capsys.readouterr().out
+    run(monkeypatch, bkd.main, *METHOD, "--out-dir", "distilled", "--resume")
+    out = capsys.readouterr().out
+    assert "teacher resnet8 from the run's own copy distilled/teacher.pth" in out and "(finished" in out
+    saved = torch.load(tmp_path / "distilled" / "teacher.pth", weights_only=True)["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in first.items())
+    assert read_summary_teacher(tmp_path / "distilled") == common.fingerprint(*first.values())
+
+
+def read_summary_teacher(folder):
+    return json.loads((folder / "summary.json").read_text())["teacher"]["weights"]

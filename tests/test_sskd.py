@@ -187,6 +187,19 @@ def test_run_lowers_every_stage_distance_and_learns_a_head(full_run, sskd_data, 
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), student.state_dict().values()))
 
 
+def test_the_log_says_what_each_phase_measured_and_trains(finished_runs):
+    """A stage phase measures no accuracy: its last line gives its test feature error, not 'last acc None'; the
+    head phase trains the head's parameters, which its first line counts beside the model's."""
+    log = finished_runs["sskd"][1]
+    assert "None" not in log
+    done = [line for line in log.splitlines() if line.startswith("done in")]
+    assert len(done) == 4 and all(" last feat_mse " in line for line in done[:3]) and " last acc " in done[3]
+    head_params = sum(p.numel() for p in create_model("resnet8", 10).head().parameters())
+    [head_line] = [line for line in log.splitlines() if line.startswith("SSKD head of resnet8: ")]
+    assert f" 78,042 params, {head_params:,} trained, " in head_line
+    assert "10 classes, on the device (pad-crop), fingerprint" in log  # the pipeline, named at 32 px too
+
+
 def test_resume_continues_in_the_phase_it_was_killed_in(full_run, sskd_data, trained_teacher, tmp_path,
                                                         monkeypatch):
     calls = {"stage2 steps": 0}

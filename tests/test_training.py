@@ -1,10 +1,12 @@
 import argparse
 import json
+import re
 import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import common
 from conftest import make_args
@@ -111,6 +113,49 @@ def test_short_run_milestones_are_distinct_so_no_epoch_decays_twice():
     five = common.make_recipe(make_args(), "cnn", epochs=5)
     assert five["milestones"] == [3, 4]  # 3.125, 3.75, 4.375 round to 3, 4, 4
     assert [common.learning_rate(five, e + 0.5) for e in range(5)] == pytest.approx([0.05, 0.05, 0.05, 5e-3, 5e-4])
+
+
+def test_no_milestone_at_epoch_0_so_a_short_run_uses_its_peak_lr():
+    one = common.make_recipe(make_args("--dataset", "imagenet"), "cnn", epochs=1)  # 0.3, 0.6, 0.9 round to 0, 1, 1
+    assert one["milestones"] == [1] and common.learning_rate(one, 0.5) == 0.2
+
+
+def test_the_progress_line_counts_the_images_of_every_rank(monkeypatch, capsys):
+    """Under torchrun a rank sees its part of each global batch; speed and ETA are the run's: 2 ranks that each
+    did 2 steps of 32 images of global batches of 64 in 2 s train at 64 images/s, with 8 steps an epoch."""
+    clock = iter([100.0, 102.0, 102.0])
+    monkeypatch.setattr(common.time, "time", lambda: next(clock))
+    recipe = {"batch_size": 64, "epochs": 1}
+    line = common.ProgressLine(0, recipe, 8, 1.0, None)
+    line.maybe_log(1, torch.tensor(64.0), 64 // 2, images_done=2 * 64)
+    assert capsys.readouterr().out.strip() == "epoch 1 step 2/8 loss 2.0000 64 img/s ETA 0m06s (training only)"
+
+
+def test_the_run_folder_keeps_the_log_with_times_and_evaluate_prints_top_5(tmp_path, monkeypatch, capsys):
+    """log.txt holds what the terminal showed, each line after its date and time, the command first; with more
+    than 10 classes top-5 is measured beside top-1; `common.py --evaluate FILE` measures a saved model."""
+    monkeypatch.chdir(tmp_path)
+    big = tmp_path / "big"
+    for split in ("train", "test"):
+        for c in range(12):
+            (big / split / f"class{c}").mkdir(parents=True)
+            pixels = torch.randint(0, 256, (8, 8, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(c))
+            Image.fromarray(pixels.numpy()).save(big / split / f"class{c}" / "0.png")
+    flags = ["--dataset", "folder", "--data-dir", big, "--epochs", 1, "--batch-size", 12]
+    common.run_main(lambda: common.main([str(a) for a in ["--model", "resnet8", *flags, "--out-dir", "run"]]))
+    shown = capsys.readouterr().out.splitlines()
+    logged = (tmp_path / "run" / "log.txt").read_text().splitlines()
+    assert logged[0].endswith(" $ " + common.command_line()) and len(logged) == len(shown) + 1
+    for line, printed in zip(logged[1:], shown):
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d " + re.escape(printed), line)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["last_top5"] >= summary["last_acc"] and "test_top5" in summary["last_epoch"]
+    metrics = common.main([str(a) for a in ["--evaluate", "run/model.pth", *flags]])  # --model from the file
+    assert metrics == {k: summary["last_epoch"][k] for k in ("test_acc", "test_top5")}
+    assert capsys.readouterr().out.strip().startswith(f"run/model.pth: resnet8, top-1 {metrics['test_acc']:.2f} %, "
+                                                      f"top-5 {metrics['test_top5']:.2f} % on the 12 test images of")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(
+        [".lock", "checkpoint.pt", "log.txt", "metrics.jsonl", "model.pth", "run.json", "summary.json"])
 
 
 def test_benchmark_lr_for_mobilenet_and_shufflenets_and_the_flag_overrides_it():
