@@ -261,12 +261,18 @@ def make_eval_fn(student, stepping_stones):
     return eval_fn
 
 
+def check_pair(teacher, student):
+    """N_i joins student stage i to teacher stage i + 1: both need the same number of stages."""
+    if len(student.stages()) != len(teacher.stages()):
+        raise SystemExit(f"error: {student.arch} has {len(student.stages())} stages and {teacher.arch} "
+                         f"{len(teacher.stages())}: Block-KD's stepping-stones need the same number")
+
+
 def distill(args, data, teacher, student):
     """Train `student` (already on the data's device) with Block-KD from the frozen `teacher` into
     args.out_dir; returns fit's summary, which also holds the method's fields."""
+    check_pair(teacher, student)
     num_stages = len(teacher.stages())
-    if len(student.stages()) != num_stages:
-        raise SystemExit(f"error: {student.arch} and {teacher.arch} have different numbers of stages")
     stones = parse_stones(args.stones, num_stages)
     ramp_epochs = resolve_ramp_epochs(args, stones)
     stepping_stones = SteppingStones(teacher, student, stones, args.identity_connector, data.image_size)
@@ -329,9 +335,12 @@ def main(argv=None):
     add_args(parser)
     args = parser.parse_args(argv)
     try:  # checked against the teacher's stage count before any data or model is loaded
-        parse_stones(args.stones, models.stage_count(args.teacher))
+        stones = parse_stones(args.stones, models.stage_count(args.teacher))
     except ValueError as error:
         parser.error("argument " + str(error).replace("--stones must", "--stones: must"))
+    teacher, student, image_size = common.meta_pair(args)  # the pair's shapes, before anything is trained
+    check_pair(teacher, student)
+    SteppingStones(teacher, student, stones, args.identity_connector, image_size)
     device, data = common.setup(args, "blockwise_kd", parser)
     teacher = common.load_teacher(args, data)
     torch.manual_seed(args.seed)

@@ -39,12 +39,14 @@ banner: compiling the step, run folders and checkpoints, logging and signals, th
 image folders, streamed image folders, teachers, `main`.
 """
 import argparse
+import atexit
 import contextlib
 import hashlib
 import io
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import re
 import shlex
@@ -61,8 +63,8 @@ import torch.nn as nn
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from models import (DEFAULT_LR, MODEL_NAMES, TORCHVISION_MODELS, classifier, create_model, default_image_size,
-                    fixed_image_size, model_family, state_dict_classes)
+from models import (DEFAULT_LR, IMAGENET_MODELS, MODEL_NAMES, TORCHVISION_MODELS, classifier, create_model,
+                    default_image_size, fixed_image_size, model_family, state_dict_classes)
 
 
 NORMALIZATION = {  # the benchmark's per-channel mean and std
@@ -79,21 +81,22 @@ def log(message):
 
 
 class RunLog:
-    """What a run prints, also appended to log.txt in its run folder, each line after its date and time.
-    Lines printed before the folder is claimed (the data's) are kept and written first; a later run in the
-    same folder (a resume) appends to it."""
+    """What a run prints, also appended to log.txt in its run folder (`folder`, once claimed), each line
+    after its date and time. Lines printed before the folder is claimed (the data's) are kept and written
+    first; a later run in the same folder (a resume) appends to it."""
 
     def __init__(self):
-        self.file, self.pending = None, []
+        self.file, self.pending, self.folder = None, [], None
 
     def start(self):
-        """A new run in this process: forget the previous one's file and lines."""
+        """A new run in this process: forget the previous one's file, folder and lines."""
         if self.file:
             self.file.close()
-        self.file, self.pending = None, []
+        self.file, self.pending, self.folder = None, [], None
 
     def open(self, path):
-        pending = self.pending
+        """Start writing to `path`, the log file of the run folder that this run claimed."""
+        pending, self.folder = self.pending, Path(path).parent
         self.file, self.pending = open(path, "a", encoding="utf-8"), []
         self.file.write("".join(pending))
         self.file.flush()
@@ -283,10 +286,21 @@ def load_data(args, device):
     if stored > size:
         raise SystemExit(f"error: --store-size {stored} is larger than the image size {size}; images are "
                          "kept at most at the size the models see")
+    if getattr(args, "pipeline", "auto") == "stream" and args.dataset not in ("imagenet", "folder"):
+        raise SystemExit(f"error: --pipeline stream reads an image folder's files (--dataset folder or "
+                         f"imagenet); {args.dataset} is always kept on the device: drop it")
     listing = None  # an image folder is listed once, for the choice of pipeline and for reading it
     if args.dataset in ("imagenet", "folder"):
         listing = list_image_folder(args.data_dir, ("train", "val") if args.dataset == "imagenet" else None)
-    if listing and streams(args, stored, listing):
+    streamed = bool(listing) and streams(args, stored, listing)
+    unused = [flag for flag, used in (("--augment pad-crop", getattr(args, "augment", None) != "pad-crop"),
+                                      ("--store-size", not getattr(args, "store_size", None))) if not used]
+    unused = unused if streamed else (["--eval-resize"] if getattr(args, "eval_resize", None) else [])
+    if unused:  # flags a pipeline has no use for would be recorded as if they had changed the training
+        pipeline = "streamed pipeline (resized crops of the files)" if streamed else "device pipeline"
+        raise SystemExit(f"error: {' and '.join(unused)} has no effect in the {pipeline} of this run; drop "
+                         "it")
+    if streamed:
         data = load_streamed_folder(args, size, device, listing)
         data.classes = listing[0]
         if args.train_subset:
@@ -736,8 +750,12 @@ def fit(model, data, out_dir, recipe, *, seed, loss_fn=None, train_modules=None,
     loss_fn = loss_fn or classification_loss(model, recipe["label_smoothing"])
     fast = fast or fast_paths(None, device)
     optimizer, train_step = prepare_training(model, train_modules, loss_fn, recipe, fast, device)
-    folder = RunFolder(out_dir, run_identity(model, data, recipe, seed, config, teacher, title))
+    folder = RunFolder(out_dir, run_identity(model, data, recipe, seed, config, teacher, title),
+                       (config or {}).get("accepted_data"))
     history = folder.start(model, train_modules, optimizer, resume, device)  # the epochs already trained
+    if history and history[-1].pop("evaluated", True) is False:  # its evaluation was stopped: done now
+        history[-1].update(evaluate(data, eval_fn, model, train_modules, fast))
+        folder.save_epoch(model, train_modules, optimizer, history, recipe["epochs"], new_epoch=False)
     n_train = len(data.train_y)
     steps_per_epoch = math.ceil(n_train / recipe["batch_size"])
     shard = (rank(), world_size())  # under torchrun each rank trains on its part of every global batch
@@ -768,7 +786,12 @@ def fit(model, data, out_dir, recipe, *, seed, loss_fn=None, train_modules=None,
                "images_per_sec": seen / (time.time() - progress_line.start)}
         row.update({name: value.item() / seen for name, value in sums.items()})
         if (epoch + 1) % eval_every == 0 or epoch + 1 == recipe["epochs"]:
-            row.update(evaluate(data, eval_fn, model, train_modules, fast))
+            try:
+                row.update(evaluate(data, eval_fn, model, train_modules, fast))
+            except BaseException:  # an unreadable test image, Ctrl-C: the epoch's training is kept first
+                row.update(seconds=time.time() - progress_line.start, evaluated=False)
+                folder.save_epoch(model, train_modules, optimizer, history + [row], recipe["epochs"])
+                raise
         row["seconds"] = time.time() - progress_line.start
         history.append(row)
         folder.save_epoch(model, train_modules, optimizer, history, recipe["epochs"])
@@ -831,13 +854,15 @@ class RunFolder:
     training (`identity`, see run_identity); checkpoint.pt, then metrics.jsonl, after every epoch; model.pth
     and summary.json at the end. Every file goes through write_atomic."""
 
-    def __init__(self, out_dir, identity):
+    def __init__(self, out_dir, identity, accepted_data=None):
         self.out_dir, self.identity = Path(out_dir), identity
+        self.accepted_data = set(accepted_data or [identity["data"]])  # see claim_out_dir
         if rank() == 0:  # the only writer under torchrun
             ensure_writable(self.out_dir, "the run folder")
             lock_dir(self.out_dir, "the run folder")  # a teacher's run in checkpoints/ (a script's is locked)
         self.checkpoint, self.metrics = self.out_dir / "checkpoint.pt", self.out_dir / "metrics.jsonl"
         self.started = time.time()
+        self.world_sizes = {}  # {world size: epochs trained at it}, over the resumes of the run
 
     def start(self, model, train_modules, optimizer, resume, device):
         """The history of the epochs already trained: the checkpoint's, loaded into the model, train modules
@@ -851,8 +876,8 @@ class RunFolder:
                              "--out-dir")
         if resume and self.checkpoint.exists():
             state = load_checkpoint(self.checkpoint, device)
-            found = differences(identity_entries(state.get("identity", {})), identity_entries(self.identity),
-                                "the checkpoint")
+            saved = same_data(identity_entries(state.get("identity", {})), self.accepted_data, self.identity)
+            found = differences(saved, identity_entries(self.identity), "the checkpoint")
             if found:
                 raise SystemExit(f"error: {self.checkpoint} is from another training run "
                                  f"({'; '.join(found)}); nothing was changed. Delete its folder to train "
@@ -862,6 +887,7 @@ class RunFolder:
                 module.load_state_dict(module_state)
             optimizer.load_state_dict(state["optimizer"])
             history = state["history"]
+            self.world_sizes = state.get("world_sizes", {"not recorded": len(history)})
             epochs = self.identity["recipe"]["epochs"]
             last_checkpoint.update(path=self.checkpoint, epoch=len(history), epochs=epochs)
             finished = " (finished: no epoch left to train)" if len(history) == epochs else ""
@@ -869,10 +895,12 @@ class RunFolder:
             write_metrics(self.metrics, history)  # from the checkpoint's history: no epoch twice
         return history
 
-    def save_epoch(self, model, train_modules, optimizer, history, epochs):
+    def save_epoch(self, model, train_modules, optimizer, history, epochs, new_epoch=True):
+        if new_epoch:
+            self.world_sizes[str(world_size())] = self.world_sizes.get(str(world_size()), 0) + 1
         state = {"model": model.state_dict(), "train_modules": [m.state_dict() for m in train_modules],
                  "optimizer": optimizer.state_dict(), "epoch": len(history), "history": history,
-                 "identity": self.identity}
+                 "identity": self.identity, "world_sizes": self.world_sizes}
         save_atomic(state, self.checkpoint)
         write_metrics(self.metrics, history)  # after the checkpoint, from which a resume rewrites it
         last_checkpoint.update(path=self.checkpoint, epoch=len(history), epochs=epochs)
@@ -892,7 +920,8 @@ class RunFolder:
                    "mean_images_per_sec": sum(h["images_per_sec"] for h in history) / max(1, len(history)),
                    "evaluated_epochs": [h["epoch"] for h in evaluated], "last_epoch": last, "recipe": recipe,
                    "fast_paths": vars(fast), "data": data.fingerprint, "threads": torch.get_num_threads(),
-                   "world_size": world_size(), "backend": dist.get_backend() if world_size() > 1 else None,
+                   "world_size": world_size(), "world_sizes": self.world_sizes,
+                   "backend": dist.get_backend() if world_size() > 1 else None,
                    **fields}
         save_json(summary, self.out_dir / "summary.json")
         took = format_seconds(time.time() - self.started)
@@ -972,8 +1001,21 @@ def load_checkpoint(path, device="cpu", mmap=False):
 
 
 def load_weights(model, path):
-    """Load a checkpoint (benchmark format, ours, or a bare state_dict) into `model`, strictly."""
-    path = Path(path)
+    """Load a checkpoint (benchmark format, ours, or a bare state_dict) into `model`, strictly (read_weights);
+    returns what the file holds."""
+    state, checkpoint = read_weights(path, model.arch, classifier(model).out_features)
+    model.load_state_dict(state, strict=True)
+    return checkpoint
+
+
+def read_weights(path, arch, num_classes):
+    """The state_dict of a weights file (the benchmark format, ours, or a bare state_dict; DDP's 'module.'
+    prefixes dropped) and what the file holds, checked to be `arch` with `num_classes` classes: the one
+    loader of teachers, --pretrained files and --evaluate. Every other file is one line: a folder, none,
+    unreadable or unsafe to unpickle (never torch's advice to load it unsafely), no state_dict, another
+    architecture or class count (named where the keys tell it), or keys that differ (counted, with
+    examples)."""
+    path = Path(path).expanduser()
     if path.is_dir():
         raise SystemExit(f"error: checkpoint {path} is a directory, not a checkpoint file")
     if not path.is_file():
@@ -985,17 +1027,25 @@ def load_weights(model, path):
         raise SystemExit(f"error: {path} is not a readable PyTorch checkpoint ({type(error).__name__}); it "
                          "must hold tensors only: a state_dict, or a dict with a 'model' entry") from None
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise SystemExit(f"error: {path} holds no state_dict (expected a dict with a 'model' entry)")
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise SystemExit(f"error: {path} holds no state_dict (expected a dict of tensors, or a dict with a "
+                         "'model' entry)")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    want_classes = classifier(model).out_features
-    found_classes = state_dict_classes(state)
-    found_arch = checkpoint.get("arch") or identify_architecture(state) or "an unknown architecture"
-    if found_arch != model.arch or found_classes != want_classes:
-        raise SystemExit(f"error: {path} holds {found_arch} with {found_classes} classes, but {model.arch} "
-                         f"with {want_classes} classes was asked for")
-    model.load_state_dict(state, strict=True)
-    return checkpoint
+    with torch.device("meta"):
+        wanted = {k: tuple(v.shape) for k, v in create_model(arch, num_classes).state_dict().items()}
+    if {k: tuple(v.shape) for k, v in state.items()} == wanted:
+        return state, checkpoint
+    found_arch = checkpoint.get("arch") if isinstance(checkpoint, dict) else None
+    found_arch = found_arch or identify_architecture(state)
+    if found_arch is not None and (found_arch, state_dict_classes(state)) != (arch, num_classes):
+        raise SystemExit(f"error: {path} holds {found_arch} with {state_dict_classes(state)} classes, but "
+                         f"{arch} with {num_classes} classes was asked for")
+    missing, unexpected = sorted(set(wanted) - set(state)), sorted(set(state) - set(wanted))
+    reshaped = sorted(k for k in set(wanted) & set(state) if tuple(state[k].shape) != wanted[k])
+    found = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in
+             ((missing, "missing"), (unexpected, "unexpected"), (reshaped, "of another shape")) if keys]
+    raise SystemExit(f"error: {path} is not a state_dict of {arch} with {num_classes} classes: its keys "
+                     f"differ, {', '.join(found)}")
 
 
 def identify_architecture(state_dict):
@@ -1024,7 +1074,7 @@ def model_file(model, epoch, accuracy, data):
 # float rounding only.
 RUN_ONLY_FLAGS = {"out_dir", "resume", "overwrite", "data_dir", "workers", "checkpoint_dir", "log_every",
                   "eval_every", "device", "amp", "channels_last", "compile", "deterministic", "teacher_ckpt",
-                  "save_as_teacher"}
+                  "save_as_teacher", "allow_data_change", "accepted_data", "evaluate"}
 
 
 NAMED_FLAGS = {"model", "teacher", "student", "dataset", "image_size", "train_subset", "seed"}  # in the name
@@ -1188,26 +1238,39 @@ def read_run_file(out_dir):
     return record
 
 
-def check_resume(out_dir, script, config):
+DATA_ENTRY = "the data (content fingerprint)"  # its name among a run's entries (flag_entries)
+
+
+def check_resume(out_dir, script, config, data_record=None, allow_data_change=False):
     """--resume continues only the run the folder holds: run.json and every checkpoint in the folder (an SSKD
     phase's too) must record this script, these training flags and this data; each difference is named.
-    Returns the folder's run.json record (None if it has none)."""
+    The data may differ with allow_data_change, within the bounds of data_change (files deleted or
+    replaced). Returns (the folder's run.json record or None, the data fingerprints taken as this data)."""
     record = read_run_file(out_dir)
     refuse = ("; nothing was changed. Resume with the run's flags, start afresh with --overwrite, or choose "
               "another --out-dir")
+    accepted = {config["data"]}  # this data, and what it was before changes the run accepted
     if record is not None:
         if record["script"] != script:
             raise SystemExit(f"error: cannot resume {out_dir}: it holds a run of {record['script']}.py, not "
                              f"of {script}.py; nothing was changed. Resume it with {record['script']}.py, or "
                              "choose another --out-dir")
-        found = differences(flag_entries(record["config"]), flag_entries(config), "the run")
+        accepted |= {change["from"] for change in record.get("data_changes", [])}
+        if record["config"].get("data") != config["data"] and allow_data_change:
+            accepted.add(record["config"].get("data"))
+            data_change(record, config, data_record)  # one line if it is too large
+        found = differences(same_data(flag_entries(record["config"]), accepted, config), flag_entries(config),
+                            "the run")
         if found:
+            hint = ("; if image files were deleted or replaced since, add --allow-data-change"
+                    if any(line.startswith(DATA_ENTRY) for line in found) else "")
             raise SystemExit(f"error: cannot resume {out_dir} with other training flags: "
-                             f"{'; '.join(found)}{refuse}")
+                             f"{'; '.join(found)}{hint}{refuse}")
     checkpoints = sorted(out_dir.rglob("checkpoint.pt"))
     for path in checkpoints:  # read without loading the tensors (mmap)
         saved = identity_entries(load_checkpoint(path, mmap=True).get("identity", {}))
-        found = differences(saved, flag_entries(config), "the checkpoint", names=flag_entries(config))
+        found = differences(same_data(saved, accepted, config), flag_entries(config), "the checkpoint",
+                            names=flag_entries(config))
         if found:
             raise SystemExit(f"error: cannot resume {out_dir}: {path} is from another training run "
                              f"({'; '.join(found)}){refuse}")
@@ -1216,7 +1279,47 @@ def check_resume(out_dir, script, config):
         which = f"{RUN_FILE} names its run, but" if record is not None else f"neither {RUN_FILE} nor"
         raise SystemExit(f"error: cannot resume {out_dir}: it holds results ({', '.join(map(str, results))}) "
                          f"but {which} no checkpoint.pt to continue from{refuse}")
-    return record
+    return record, sorted(accepted)
+
+
+def same_data(entries, accepted, config):
+    """A run's entries with its data fingerprint read as this data's where the run accepted it as such."""
+    if entries.get(DATA_ENTRY) in accepted:
+        entries = {**entries, DATA_ENTRY: config["data"]}
+    return entries
+
+
+def data_record(data):
+    """What a data change may not alter (data_change): the classes, and the images per split within 1 %."""
+    names = hashlib.sha1("\n".join(data.classes).encode()).hexdigest()[:16] if data.classes else None
+    return {"classes": data.num_classes, "class_names": names, "train_images": len(data.train_y),
+            "test_images": len(data.test_y)}
+
+
+def data_change(record, config, now):
+    """--resume --allow-data-change: the run's data changed since it started (an unreadable image deleted or
+    replaced, as the stop line advised): accepted where the classes are the same and each split lost or
+    gained at most 1 % of its images (else one line), and recorded in run.json ('data_changes', and the new
+    fingerprint and counts), which the record (updated here) is written to."""
+    before = record.get("data_record") or {}
+    too_large = [f"{key.replace('_', ' ')} {before[key]} -> {now[key]}" for key in ("classes", "class_names")
+                 if key in before and before[key] != now[key]]
+    for split in ("train_images", "test_images"):
+        if split in before and abs(now[split] - before[split]) > max(1, before[split] // 100):
+            too_large.append(f"{split.replace('_', ' ')} {before[split]} -> {now[split]}")
+    if too_large:
+        raise SystemExit(f"error: --allow-data-change accepts deleted or replaced files, not other data: "
+                         f"{', '.join(too_large)}; nothing was changed. Resume with the run's data, or start "
+                         "afresh with --overwrite")
+    change = {"from": record["config"]["data"], "to": config["data"],
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              **{f"{split} before": before.get(split) for split in ("train_images", "test_images")},
+              **{split: now[split] for split in ("train_images", "test_images")}}
+    record.setdefault("data_changes", []).append(change)
+    record["config"]["data"], record["data_record"] = config["data"], now
+    log(f"--allow-data-change: the data changed since the run started (fingerprint {change['from']} -> "
+        f"{change['to']}; {change['train_images before']} -> {now['train_images']} training, "
+        f"{change['test_images before']} -> {now['test_images']} test images); recorded in {RUN_FILE}")
 
 
 def folder_contents(out_dir):
@@ -1272,7 +1375,8 @@ def clear_run_folder(out_dir):
 def claim_out_dir(args, data, script):
     """Before anything is trained: the run folder is writable and locked; a fresh run does not start over an
     existing one (unless --overwrite, which empties it first); --resume continues only the run it holds (see
-    check_resume). run.json records the script, the training flags, the data and the command."""
+    check_resume). run.json records the script, the training flags, the data and the command. Returns the
+    data fingerprints that the run takes as this data's (this one, and any it had before accepted changes)."""
     out_dir = Path(args.out_dir)
     ensure_writable(out_dir, "--out-dir")
     lock_dir(out_dir, "--out-dir")
@@ -1283,11 +1387,15 @@ def claim_out_dir(args, data, script):
     if not args.resume and results:
         raise SystemExit(f"error: {out_dir} already holds a run ({', '.join(map(str, results))}); add "
                          "--resume to continue it, or choose another --out-dir (--overwrite replaces it)")
-    record = check_resume(out_dir, script, config) if args.resume else None
+    record, accepted = check_resume(out_dir, script, config, data_record(data), args.allow_data_change) \
+        if args.resume else (None, [config["data"]])
     if record is None:
-        save_json({"script": script, "config": config, "command": command_line()}, out_dir / RUN_FILE)
+        record = {"script": script, "config": config, "command": command_line(),
+                  "data_record": data_record(data)}
+    save_json(record, out_dir / RUN_FILE)  # (a resume rewrites it as it was, or with the data change)
     run_log.open(out_dir / RUN_LOG)
     run_log.write(f"$ {command_line()}")  # the log starts with the command (not printed: the user typed it)
+    return accepted
 
 
 def command_line(extra=()):
@@ -1372,20 +1480,48 @@ def raise_terminated(signum, frame):
     raise Terminated
 
 
-def where_the_run_stands():
-    """For a stop message: the newest complete checkpoint of this run and the command that resumes it."""
+def where_the_run_stands(file_to_fix=False):
+    """For a stop message: the newest complete checkpoint of this run and the command that resumes it (with
+    file_to_fix, once an unreadable file is replaced or deleted: --allow-data-change)."""
     if last_checkpoint:
         where = (f"the last complete checkpoint is {last_checkpoint['path']} (epoch "
                  f"{last_checkpoint['epoch']}/{last_checkpoint['epochs']})")
     else:
         where = "no checkpoint was saved yet"
-    return f"{where}; to resume: {command_line([] if '--resume' in sys.argv else ['--resume'])}"
+    if file_to_fix:
+        return f"{where[0].upper()}{where[1:]}; replace the file or delete it, then go on with: " \
+               f"{resume_command(['--allow-data-change'])}"
+    return f"{where}; to resume: {resume_command()}"
+
+
+def resume_command(extra=()):
+    """This command with --resume (and `extra`), and the run folder named when it was the default one, whose
+    name depends on the data's fingerprint (a data change would otherwise start a new run elsewhere)."""
+    extra = [flag for flag in ["--resume", *extra] if flag not in sys.argv]
+    if run_log.folder and "--out-dir" not in sys.argv:
+        extra = ["--out-dir", str(run_log.folder), *extra]
+    return command_line(extra)
+
+
+def stopped_from_outside(error):
+    """What a RuntimeError that another process caused says, in a few words, or None for any other (a bug,
+    whose traceback is wanted): a decoding worker killed (the out-of-memory killer, a signal), or under
+    torchrun another rank gone, which its own traceback or torchrun's report explains."""
+    text = " ".join(str(error).split())
+    if "DataLoader worker" in text:
+        return f"a decoding worker process stopped ({text[:120]}; the out-of-memory killer, or a signal)"
+    lost = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL")
+    distributed_error = isinstance(error, getattr(dist, "DistError", ())) or any(s in text for s in lost)
+    if world_size() > 1 and distributed_error:
+        return "another process of this torchrun job stopped (the collective operation failed)"
+    return None
 
 
 def run_main(main):
-    """A NaN stop, Ctrl-C or SIGTERM ends in one clear line (exit code 1, 130 or 143), not a traceback.
-    Under torchrun every rank stops with the same exit code and only rank 0 prints (the others' argparse and
-    warning output is dropped, not their tracebacks); the process group is left on every exit."""
+    """A NaN stop, Ctrl-C, SIGTERM, a lost rank or decoding worker end in one clear line with the exact
+    command that resumes (exit code 1, 130 or 143), not a traceback. Under torchrun every rank stops with
+    the same exit code and only rank 0 prints (the others' argparse and warning output is dropped, not
+    their tracebacks); the process group is left on every exit."""
     previous_handler = signal.signal(signal.SIGTERM, raise_terminated)
     quiet = contextlib.redirect_stderr(io.StringIO()) if rank() != 0 else contextlib.nullcontext()
     try:
@@ -1398,6 +1534,17 @@ def run_main(main):
         terminated = isinstance(stop, Terminated)
         log(f"interrupted{' (SIGTERM)' if terminated else ''}: {where_the_run_stands()}")
         sys.exit(143 if terminated else 130)
+    except UnreadableFile as error:  # said by the rank that read the file (under torchrun, not always 0)
+        print(f"error: cannot read {error}: a run does not skip images. {where_the_run_stands(True)}",
+              flush=True)
+        run_log.write(f"error: cannot read {error}")
+        sys.exit(1)
+    except RuntimeError as error:
+        cause = stopped_from_outside(error)
+        if cause is None:  # a bug: its traceback is wanted
+            raise
+        log(f"error: {cause}; {where_the_run_stands()}")
+        sys.exit(1)
     except SystemExit as stop:
         if rank() != 0 and isinstance(stop.code, str):
             sys.exit(1)  # rank 0 prints the line
@@ -1569,6 +1716,10 @@ def add_common_args(parser):
                        help="continue the run in --out-dir from its last complete epoch (refused if the "
                             "script, a training flag or the data differs from the run's; starts afresh if it "
                             "holds no run)")
+    g.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: go on although image files were deleted or replaced since the run's "
+                        "last checkpoint (the same classes, at most 1 %% more or fewer images per split), as "
+                        "the line of a run stopped by an unreadable file advises; recorded in run.json")
     start.add_argument("--overwrite", action="store_true",
                        help="start afresh in an --out-dir that holds a run: it is emptied first (without "
                             "this flag, that is refused)")
@@ -1620,6 +1771,15 @@ def add_distill_args(parser):
                         "standard recipe (default %(default)s)")
 
 
+def meta_pair(args):
+    """The run's teacher and student built on the meta device (no memory, no time), the teacher frozen as
+    load_teacher leaves it, and the run's image size: for a method to build its modules once before any data
+    is read or any teacher trained, so that whatever the names and shapes rule out stops the run first."""
+    with torch.device("meta"):
+        teacher, student = create_model(args.teacher, 10), create_model(args.student, 10)
+    return teacher.eval().requires_grad_(False), student, image_size_of(args)
+
+
 def run_options(args, teacher=None):
     """fit's keyword arguments that a script's command line sets: `fit(..., **run_options(args, teacher))`."""
     return dict(seed=args.seed, resume=args.resume, eval_every=args.eval_every, log_every=args.log_every,
@@ -1652,7 +1812,7 @@ def setup(args, script, parser):
     args.recipe, args.epochs = recipe_setting(args), run_epochs(args)
     teacher_to_train = getattr(args, "teacher", None) and teacher_source(args, data)[0] == "train"
     check_batch_split(args, data, script, teacher_to_train)
-    on_rank_0(claim_out_dir, args, data, script)
+    args.accepted_data = on_rank_0(claim_out_dir, args, data, script)  # for the checkpoints' checks (fit)
     if teacher_to_train:
         on_rank_0(ensure_writable, teacher_candidates(args, data)[0].parent, "--checkpoint-dir")
     if isinstance(data, StreamedData):
@@ -1818,6 +1978,12 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".
                     ".ppm", ".pgm", ".pbm", ".pnm"}
 
 
+class UnreadableFile(Exception):
+    """An image file that fails to decode once the run has started (streamed: 'path (why)'). It stops the
+    run, in one line (run_main) naming it, the last complete checkpoint and the command that goes on once
+    the file is replaced or deleted."""
+
+
 class UnsupportedImage(ValueError):
     """An image Pillow decodes but that has no defined 8-bit reading (32-bit integer or float pixels)."""
 
@@ -1849,10 +2015,15 @@ def read_image(path, size=32):
 
 
 def unreadable_reason(path, error):
-    """Why `read_image(path)` failed, in a few words."""
+    """Why reading the image at `path` failed, in a few words (never an error itself: a file may vanish)."""
     from PIL import UnidentifiedImageError
 
-    if path.stat().st_size == 0:
+    try:
+        empty = Path(path).stat().st_size == 0
+    except OSError as missing:
+        return ("no such file: deleted, or a link to nothing" if isinstance(missing, FileNotFoundError)
+                else f"cannot be read: {missing.strerror or missing}")
+    if empty:
         return "empty file"
     if isinstance(error, UnsupportedImage):
         return str(error)
@@ -2017,19 +2188,19 @@ class StreamedData:
             DecodedImages(paths, transform), batch_sampler=plan, num_workers=self.workers,
             collate_fn=collate_decoded, pin_memory=self.device.type == "cuda",
             worker_init_fn=leave_stops_to_main)
-        with stop_signals_held():
-            decoded = iter(loader)  # starts the workers
+        decoded = None
         try:
+            with stop_signals_held():
+                decoded = iter(loader)  # starts the workers
             for rows in plan:
                 x, failed = next(decoded)
                 if failed:
-                    raise SystemExit(f"error: cannot read {failed}; replace or delete it: a run does not "
-                                     "skip images")
+                    raise UnreadableFile(failed)
                 x = self.normalize(x.to(self.device, non_blocking=True))
                 index = torch.tensor([row[0] for row in rows], device=labels.device)
                 yield (x.contiguous(memory_format=torch.channels_last) if channels_last else x), labels[index]
-        finally:  # the workers stop now, also when the loop does early (a stop signal, an error)
-            getattr(decoded, "_shutdown_workers", lambda: None)()
+        finally:  # the workers stop now (the iterator's end), also when the loop does early (a signal, error)
+            del decoded
 
     def train_batches(self, batch_size, seed, epoch, channels_last=False, shard=(0, 1)):
         return self.batches("train", self.train_plan(batch_size, seed, epoch, shard), channels_last)
@@ -2044,16 +2215,37 @@ STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 @contextlib.contextmanager
 def stop_signals_held():
-    """Ctrl-C and SIGTERM held back while worker processes start: they start with both blocked (then ignore
-    them, leave_stops_to_main), and this process receives what arrived meanwhile right after."""
-    if not hasattr(signal, "pthread_sigmask"):  # not on Windows
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    """Ctrl-C and SIGTERM held back while worker processes start, and raised right after: the workers start
+    with both blocked (then ignore them, leave_stops_to_main), and this process's handlers only note them
+    meanwhile. (Blocking them in this thread alone is not enough: the operating system hands a signal to any
+    thread that does not block it, torch's own threads too, and Python then raises it in this one, in the
+    middle of a DataLoader's construction.)"""
+    arrived = []
+    handlers = {stop: signal.signal(stop, lambda signum, frame: arrived.append(signum))
+                for stop in STOP_SIGNALS}
+    blocks = hasattr(signal, "pthread_sigmask")  # not on Windows
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if blocks else None
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for stop, handler in handlers.items():
+            signal.signal(stop, handler)
+        if arrived:
+            signal.raise_signal(arrived[0])
+
+
+def kill_leftover_workers():
+    """At exit, the decoding workers still alive are killed: they ignore SIGTERM (leave_stops_to_main), the
+    signal with which multiprocessing's own exit handler, which runs after this one, ends them before it
+    waits for them, forever otherwise (a DataLoader iterator kept alive by an error's traceback)."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+atexit.register(kill_leftover_workers)
 
 
 def leave_stops_to_main(worker_id=None):
@@ -2093,13 +2285,12 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
                         category=DeprecationWarning)
 
 
-def decode_crop(path, box, size, flip):
-    """A training crop as uint8 (3, size, size): the file decoded by torchvision.io (libjpeg-turbo, libpng,
-    libwebp straight into a uint8 tensor; Pillow for other formats, 16-bit pixels, or a torchvision without
-    them), its box (top, left, h, w) resized by torch's antialiased bilinear uint8 kernel, flipped. Per core
-    about twice the anchors' Pillow decode, crop, resize, ToTensor and Normalize
-    (benchmarks/data_pipeline.py)."""
-    top, left, h, w = box
+def decode_rgb(path):
+    """An image file as RGB uint8 (3, H, W), the one decoding of the streamed training and evaluation images:
+    torchvision.io (libjpeg-turbo, libpng, libwebp straight into a tensor; the first frame of an animated
+    image) where it reads the file into 8 bits, else Pillow through read_image, as the device pipeline
+    (other formats, 16-bit pixels scaled, 32-bit refused, or a torchvision without the decoders). Per core
+    about twice the speed of Pillow (benchmarks/data_pipeline.py); the same pixels for JPEG and GIF."""
     image = None
     try:
         from torchvision.io import ImageReadMode, decode_image
@@ -2112,20 +2303,30 @@ def decode_crop(path, box, size, flip):
         except RuntimeError as error:
             if "Unsupported image file" not in str(error):
                 raise ValueError(str(error).rsplit(", ", 1)[-1]) from None  # not torchvision's source line
+    if image is not None and image.dim() == 4:  # the frames of an animated GIF or WebP
+        image = image[0]
     if image is None or image.dtype != torch.uint8:
         image = torch.from_numpy(read_image(path, size=None)).permute(2, 0, 1)
-    crop = image[None, :, top:top + h, left:left + w]
+    return image
+
+
+def decode_crop(path, box, size, flip):
+    """A training crop as uint8 (3, size, size): the decoded file's box (top, left, h, w) resized by torch's
+    antialiased bilinear uint8 kernel, flipped."""
+    top, left, h, w = box
+    crop = decode_rgb(path)[None, :, top:top + h, left:left + w]
     crop = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
     return crop.flip(2) if flip else crop
 
 
 def decode_center(path, size, resize):
-    """An evaluation image: torchvision's Resize(resize) + CenterCrop(size) on the PIL image, uint8."""
+    """An evaluation image: torchvision's Resize(resize) + CenterCrop(size) (on the PIL image, as its
+    ImageNet reference evaluates) of the decoded file, uint8."""
     import torchvision.transforms.functional as TF
     from PIL import Image
 
-    with Image.open(path) as img:
-        image = np.array(TF.center_crop(TF.resize(img.convert("RGB"), resize), size))
+    image = Image.fromarray(decode_rgb(path).permute(1, 2, 0).numpy())
+    image = np.array(TF.center_crop(TF.resize(image, resize), size))
     return torch.from_numpy(image).permute(2, 0, 1).contiguous()
 
 
@@ -2134,15 +2335,18 @@ def read_image_sizes(paths, workers):
     line naming the first file that is not an image Pillow can open."""
     loader = torch.utils.data.DataLoader(ImageHeaders(paths), batch_size=256, num_workers=workers,
                                          collate_fn=list, worker_init_fn=leave_stops_to_main)
-    with stop_signals_held():
-        chunks = iter(loader)  # starts the workers
-    sizes = []
-    for chunk in chunks:
-        for path, size in chunk:
-            if isinstance(size, str):
-                raise SystemExit(f"error: cannot read {path} ({size}); replace or delete it: a run does not "
-                                 "skip images")
-            sizes.append(size)
+    sizes, chunks = [], None
+    try:
+        with stop_signals_held():
+            chunks = iter(loader)  # starts the workers
+        for chunk in chunks:
+            for path, size in chunk:
+                if isinstance(size, str):
+                    raise SystemExit(f"error: cannot read {path} ({size}); replace or delete it: a run does "
+                                     "not skip images")
+                sizes.append(size)
+    finally:
+        del chunks  # the workers stop now (the iterator's end), also when the loop stops early
     return torch.tensor(sizes, dtype=torch.long).view(-1, 2)
 
 
@@ -2170,6 +2374,11 @@ def load_streamed_folder(args, size, device, listing=None):
     training, a fingerprint of their names, byte sizes and image sizes."""
     splits = ("train", "val") if args.dataset == "imagenet" else ("train", "test")
     root = Path(args.data_dir).expanduser()
+    eval_resize = args.eval_resize or round(size * 256 / 224)
+    if eval_resize < size:  # torchvision's CenterCrop would pad the resized image with black
+        raise SystemExit(f"error: --eval-resize {eval_resize} is smaller than --image-size {size}: the "
+                         f"center crop would be mostly padding; use at least {size} (default: "
+                         f"{round(size * 256 / 224)}, torchvision's 256/224)")
     classes, listed = listing or list_image_folder(root, splits)
     workers = default_workers(args)
     sizes = [read_image_sizes(paths, workers) for paths, _ in listed.values()]
@@ -2178,7 +2387,6 @@ def load_streamed_folder(args, size, device, listing=None):
         for path, label, (h, w) in zip(paths, labels, split_sizes.tolist()):
             digest.update(f"{path.relative_to(root)}\t{label}\t{path.stat().st_size}\t{h}\t{w}\n".encode())
     mean, std = IMAGENET_NORMALIZATION
-    eval_resize = args.eval_resize or round(size * 256 / 224)
     return StreamedData(args.dataset, [(paths, labels) for paths, labels in listed.values()], sizes,
                         len(classes), size, eval_resize, workers, args.crop_scale, args.crop_ratio, mean, std,
                         device, digest.hexdigest()[:16])
@@ -2469,11 +2677,16 @@ def torchvision_weights(name, weights_name, run_copy=None):
 
 
 def pretrained_weights(name, weights):
-    """--pretrained: torchvision's weights of that name, or a state_dict file (a bare one or the benchmark
-    format {'model': ...}). Returns (state_dict, {file, accuracy})."""
-    if Path(weights).expanduser().is_file():
-        state = torch.load(Path(weights).expanduser(), map_location="cpu", weights_only=True)
-        return state.get("model", state), {"file": str(weights), "accuracy": None}
+    """--pretrained: torchvision's weights of that name, or a file of the model's 1000-class ImageNet
+    state_dict (a bare one or the benchmark format {'model': ...}), read as every weights file is
+    (read_weights). Returns (state_dict, {file, accuracy})."""
+    if name not in IMAGENET_MODELS:
+        raise SystemExit(f"error: --pretrained starts an ImageNet model from its 1000-class weights, and "
+                         f"{name} is a CIFAR model; pass a trained one to the methods with --teacher-ckpt")
+    path = Path(weights).expanduser()
+    if path.exists() or "/" in weights or path.suffix in (".pth", ".pt", ".bin", ".ckpt", ".tar"):
+        state, _ = read_weights(path, name, 1000)  # a path, not one of torchvision's weights names
+        return state, {"file": str(weights), "accuracy": None}
     return torchvision_weights(name, weights)
 
 

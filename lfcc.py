@@ -445,6 +445,9 @@ def main(argv=None):
     if args.per_scale and args.no_lowpass:
         parser.error("--per-scale aligns the scales of the low-pass filter one by one; --no-lowpass has none")
     args.stages = sorted(set(args.stages))
+    teacher, student, image_size = common.meta_pair(args)  # the pair's shapes, before anything is trained
+    make_compact_space(student, teacher, args.stages, make_filter(args), args.proj_dim, args.reduce_channels,
+                       image_size)
     device, data = common.setup(args, "lfcc", parser)
     teacher = common.load_teacher(args, data)
     torch.manual_seed(args.seed)

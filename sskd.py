@@ -239,14 +239,21 @@ def phase_plan(args, num_stages):
     return [(f"stage{k + 1}", [k], stage_epochs) for k in range(num_stages)], head_epochs
 
 
+def check_pair(args, teacher, student, image_size):
+    """Stage k of the student mimics stage k of the teacher: the same number of stages, and with
+    --teacher-input equal shapes (check_teacher_input)."""
+    if len(student.stages()) != len(teacher.stages()):
+        raise SystemExit(f"error: {student.arch} has {len(student.stages())} stages and {teacher.arch} "
+                         f"{len(teacher.stages())}: SSKD's stage phases need the same number")
+    if args.teacher_input:
+        check_teacher_input(student, teacher, image_size)
+
+
 def distill(args, data, teacher, student):
     """SSKD from the frozen `teacher` into `student`: all phases in order, resumable across them; writes
     args.out_dir/summary.json and args.out_dir/model.pth and returns the summary."""
     out_dir = Path(args.out_dir)
-    if len(student.stages()) != len(teacher.stages()):
-        raise SystemExit(f"error: {student.arch} and {teacher.arch} have different numbers of stages")
-    if args.teacher_input:
-        check_teacher_input(student, teacher, data.image_size)
+    check_pair(args, teacher, student, data.image_size)
     backbone_phases, head_epochs = phase_plan(args, len(student.stages()))
     plan = [(name, epochs) for name, _, epochs in backbone_phases] + [("head", head_epochs)]
     shown = ", ".join(f"{name}/ {epochs} epochs" for name, epochs in plan)
@@ -313,9 +320,10 @@ def main(argv=None):
     common.add_distill_args(parser)
     add_args(parser)
     args = parser.parse_args(argv)
-    if args.teacher_input:  # fail before a missing teacher would be trained
-        check_teacher_input(models.create_model(args.student, 10), models.create_model(args.teacher, 10),
-                            common.image_size_of(args))
+    teacher, student, image_size = common.meta_pair(args)  # the pair's shapes, before anything is trained
+    check_pair(args, teacher, student, image_size)
+    for shapes in zip(models.feature_shapes(student, image_size), models.feature_shapes(teacher, image_size)):
+        make_adapter(*shapes)  # an adapter for every stage whose shapes differ
     device, data = common.setup(args, "sskd", parser)
     teacher = common.load_teacher(args, data)
     torch.manual_seed(args.seed)

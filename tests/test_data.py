@@ -180,3 +180,18 @@ def test_a_class_without_training_or_test_images_is_named(missing, tmp_path):
     with pytest.raises(SystemExit) as stop:
         common.load_image_folder(folder)
     assert str(stop.value).startswith(f"error: {folder}/: no images in {missing}/; every class needs training and test")
+
+
+@pytest.mark.parametrize("flags, wanted", [
+    (["--dataset", "synthetic", "--pipeline", "stream"], "--pipeline stream reads an image folder's files"),
+    (["--dataset", "synthetic", "--eval-resize", 40], "--eval-resize has no effect in the device pipeline"),
+    (["--dataset", "imagenet", "--augment", "pad-crop"], "--augment pad-crop has no effect in the streamed pipeline"),
+    (["--dataset", "imagenet", "--store-size", 16], "--store-size has no effect in the streamed pipeline")])
+def test_a_flag_that_the_pipeline_would_ignore_is_refused(flags, wanted, tmp_path):
+    """Recorded as training flags, they would name runs and block resumes while changing nothing."""
+    from conftest import make_imagenet_folder
+    folder = make_imagenet_folder(tmp_path / "imagenet", 2, 1)
+    with pytest.raises(SystemExit) as stop:
+        common.load_data(make_args("--data-dir", folder, "--image-size", 32, "--workers", 0, *flags),
+                         torch.device("cpu"))
+    assert str(stop.value).startswith(f"error: {wanted}")

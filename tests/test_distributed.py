@@ -6,10 +6,12 @@ One spawn of 2 worker processes (torch.multiprocessing, a file rendezvous) runs 
 this file; the single-process references run in the test process. The students have no BatchNorm (the
 tiny MLP-Mixer) and the teachers are frozen, so that 2 ranks and 1 process compute the same gradients."""
 import argparse
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,8 +177,10 @@ def test_the_batch_split_check_knows_the_recipe_of_a_teacher_still_to_train(monk
 
 
 def test_a_one_process_checkpoint_resumes_on_two_ranks(runs):
-    single, ranks, *_ = runs
+    single, ranks, _, folder, _ = runs
     assert largest_difference(single["kd"], ranks[0]["resumed_on_2"]) < 2e-4
+    summary = read_summary(folder / "killed_on_1")  # epoch 1 in one process, epoch 2 on two ranks
+    assert summary["world_size"] == 2 and summary["world_sizes"] == {"1": 1, "2": 1}
 
 
 def test_a_two_rank_checkpoint_resumes_in_one_process(runs):
@@ -228,3 +232,40 @@ def test_under_torchrun_sigterm_and_a_refusal_are_rank_0s_one_line(tmp_path):
     assert refused.returncode == 1 and out == "" and time.time() - start < 60
     ours = [line for line in err.splitlines() if line.startswith("error:")]  # torchrun adds its own report
     assert ours == [ours[0]] and ours[0].startswith("error: run already holds a run (checkpoint.pt")
+
+
+def rank_pid(torchrun_pid, local_rank):
+    """The pid of the worker process of `local_rank` that torchrun started."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and int((proc / "stat").read_text().split()[3]) == torchrun_pid and \
+                    f"LOCAL_RANK={local_rank}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                return int(proc.name)
+        except OSError:
+            continue
+    return None
+
+
+def test_under_torchrun_a_data_error_or_a_lost_rank_is_rank_0s_one_line(tmp_path):
+    """A refusal while the data loads (rank 0 reads first) stops every rank with rank 0's line and no gloo
+    traceback from the others; a rank killed mid-epoch leaves rank 0 saying where the run stands."""
+    refused = torchrun(ROOT / "common.py", "--model", "resnet8", "--dataset", "synthetic", "--train-subset", 205,
+                       "--out-dir", "run", cwd=tmp_path)
+    out, err = refused.communicate(timeout=120)
+    assert refused.returncode == 1 and out == ""
+    assert [line for line in err.splitlines() if "error:" in line] == [
+        "error: --train-subset 205 does not split evenly over the 10 classes of synthetic: use a multiple of 10, e.g. "
+        "200 or 210"]
+    assert not [line for line in err.splitlines() if line.startswith("[rank") and "Error" in line], err
+    command = [ROOT / "common.py", "--model", "resnet8", *TINY, "--epochs", 50, "--out-dir", "run", "--device", "cpu"]
+    run = torchrun(*command, cwd=tmp_path)
+    while not (tmp_path / "run" / "checkpoint.pt").exists() and run.poll() is None:
+        time.sleep(0.05)
+    os.kill(rank_pid(run.pid, 1), signal.SIGKILL)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode != 0
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(("error: another process of this torchrun job stopped", "interrupted (SIGTERM)")), out
+    assert "the last complete checkpoint is run/checkpoint.pt" in last and last.endswith("--out-dir run --device cpu "
+                                                                                          "--resume")
+    assert not [line for line in err.splitlines() if line.startswith("[rank0]") and "Traceback" in line], err

@@ -14,7 +14,7 @@ import common
 import lfcc
 import models
 import sskd
-from conftest import SHARED, frozen, make_args, run
+from conftest import SHARED, frozen, make_args, refused, run
 from models.imagenet import REFERENCE_MODELS, TORCHVISION_MODELS, torchvision_classes
 
 ORACLE = SHARED / "reference" / "imagenet_oracle.json"
@@ -275,3 +275,44 @@ def test_pretrained_takes_a_state_dict_file_with_the_models_keys(tmp_path, monke
     head = models.classifier(model)
     assert head.out_features == 10 and record["accuracy"] is None
     assert all(torch.equal(model.state_dict()[k], v) for k, v in imagenet.items() if v.shape[:1] != (1000,))
+
+
+class NotTensors:
+    """A pickled object that a weights-only load refuses to run."""
+
+
+@pytest.mark.parametrize("content, wanted", [
+    ("tv_resnet34", "holds tv_resnet34 with 1000 classes, but tv_resnet18 with 1000 classes was asked for"),
+    ("10 classes", "holds tv_resnet18 with 10 classes, but tv_resnet18 with 1000 classes was asked for"),
+    ("truncated", "is not a readable PyTorch checkpoint"),
+    ("unsafe pickle", "is not a readable PyTorch checkpoint (UnpicklingError); it must hold tensors only"),
+    ("a list", "holds no state_dict"),
+    ("an extra key", "is not a state_dict of tv_resnet18 with 1000 classes: its keys differ, 1 unexpected (e.g. "
+                     "extra.weight)"),
+    ("a missing key", "its keys differ, 1 missing (e.g. fc.bias)"),
+    ("no such file", "checkpoint missing.pth does not exist"),
+])
+def test_every_bad_pretrained_file_is_one_line(content, wanted, tmp_path, monkeypatch, capsys):
+    """--pretrained FILE reads through the teachers' loader (read_weights): one line for each bad file, none
+    of torch's advice to load it unsafely, and a missing path is not taken for a torchvision weights name."""
+    monkeypatch.chdir(tmp_path)
+    state = models.create_model("tv_resnet18", 1000).state_dict()
+    saved = {"tv_resnet34": models.create_model("tv_resnet34", 1000).state_dict(),
+             "10 classes": models.create_model("tv_resnet18", 10).state_dict(),
+             "unsafe pickle": {"model": NotTensors()}, "a list": [state["fc.bias"]],
+             "an extra key": {**state, "extra.weight": torch.zeros(1)},
+             "a missing key": {k: v for k, v in state.items() if k != "fc.bias"}}.get(content, state)
+    if content != "no such file":
+        torch.save(saved, tmp_path / "weights.pth")
+    if content == "truncated":
+        (tmp_path / "weights.pth").write_bytes((tmp_path / "weights.pth").read_bytes()[:5000])
+    name = "missing.pth" if content == "no such file" else "weights.pth"
+    message = refused(monkeypatch, capsys, common.main, "--model", "tv_resnet18", "--pretrained", name,
+                      "--dataset", "synthetic", "--image-size", 32, "--train-subset", 100)
+    assert wanted in message and "weights_only" not in message, message
+
+
+def test_pretrained_is_for_imagenet_models(monkeypatch, capsys):
+    message = refused(monkeypatch, capsys, common.main, "--model", "resnet8", "--pretrained", "--dataset", "synthetic")
+    assert message.startswith("error: --pretrained starts an ImageNet model from its 1000-class weights, and resnet8 "
+                              "is a CIFAR model")

@@ -135,5 +135,28 @@ def test_a_pair_with_different_stage_counts_is_one_line(synthetic_data, tmp_path
     teacher, student = frozen(four_stage(0)), tiny_model("resnet8", seed=1)
     for module in (bkd, sskd):
         args = make_args("--dataset", "synthetic", "--out-dir", tmp_path, method_args=module.add_args)
-        with pytest.raises(SystemExit, match="have different numbers of stages"):
+        with pytest.raises(SystemExit, match=r"has 3 stages and \w+ 4: .* need the same number"):
             module.distill(args, synthetic_data, teacher, student)
+
+
+@pytest.mark.parametrize("script, pair, wanted", [
+    ("sskd", ["--teacher", "tv_resnet18", "--student", "resnet8"], "resnet8 has 3 stages and tv_resnet18 4"),
+    ("blockwise_kd", ["--teacher", "resnet8", "--student", "tv_resnet18"], "tv_resnet18 has 4 stages and resnet8 3"),
+    ("sskd", ["--teacher", "resnet8", "--student", "resnet14", "--teacher-input"], None)])
+def test_what_the_names_and_shapes_rule_out_stops_before_a_teacher_is_trained(script, pair, wanted, tmp_path,
+                                                                             monkeypatch, capsys):
+    """The method's modules are built once on the meta device before the data is read and a missing teacher
+    trained (it was refused only after 240 teacher epochs)."""
+    import importlib
+
+    module = importlib.import_module(script)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(common, "load_data", lambda *a: pytest.fail("read the data"))
+    argv = [*pair, "--dataset", "synthetic", "--image-size", 32]
+    if wanted is None:  # resnet14's stages match resnet8's: the pair passes and the run starts
+        with pytest.raises(pytest.fail.Exception, match="read the data"):
+            module.main([str(a) for a in argv])
+        return
+    with pytest.raises((SystemExit, RuntimeError, ValueError)) as stop:
+        module.main([str(a) for a in argv])
+    assert wanted in str(stop.value)
