@@ -1,6 +1,6 @@
 """The data pipelines of issue 23, on one CPU core: images/s of
 
-1. the streamed image-folder pipeline (common.StreamedData: the epoch's crop boxes drawn up front, each
+1. the streamed image-folder pipeline (plumbing/streaming.py: the epoch's crop boxes drawn up front, each
    worker decoding a JPEG with torchvision.io into a uint8 tensor, resizing its box to 224 x 224 with
    torch's antialiased bilinear uint8 kernel and flipping it) against the KD anchors' ImageNet pipeline (mdistiller dataset/imagenet.py: torchvision ImageFolder, PIL
    RandomResizedCrop(224) + RandomHorizontalFlip + ToTensor + Normalize, float32 out), both in the
@@ -9,7 +9,7 @@
    aspect 3/4-4/3) and saved as JPEG (quality 90). Variants name what makes the difference: ours with
    Pillow's decode and resize instead (the box resized by Image.resize), the anchors' transform without
    ToTensor + Normalize (uint8 out).
-2. the device-side 224-px augmentation of the CIFAR protocol (common.train_batches on 32 x 32 uint8 images
+2. the device-side 224-px augmentation of the CIFAR protocol (common.Data.train_batches on 32 x 32 uint8 images
    kept as they are: every sample's RandomResizedCrop box drawn at once, the 32 x 32 images normalised,
    then two batched matrix products per batch into channels_last) against a per-image PIL pipeline that upsamples and crops (OFA-KD's CIFAR-100
    transform: RandomResizedCrop(224) + flip + ToTensor + Normalize on each 32 x 32 PIL image).
@@ -27,8 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+from plumbing import datasets, streaming  # noqa: E402
 
-MEAN, STD = common.IMAGENET_NORMALIZATION
+MEAN, STD = streaming.IMAGENET_NORMALIZATION
 
 
 def make_imagenet_like(cifar_dir, out, count):
@@ -60,14 +61,14 @@ def rate(batches, count):
 def streamed_rate(root, count, pillow=False):
     args = argparse.Namespace(dataset="imagenet", data_dir=str(root), workers=0, eval_resize=None,
                               crop_scale=[0.08, 1.0], crop_ratio=[3 / 4, 4 / 3])
-    data = common.load_streamed_folder(args, 224, torch.device("cpu"))
-    original = common.decode_crop
-    common.decode_crop = pillow_crop if pillow else original  # the workers are this process (workers=0)
+    data = streaming.load_streamed_folder(args, 224, torch.device("cpu"))
+    original = streaming.decode_crop
+    streaming.decode_crop = pillow_crop if pillow else original  # the workers are this process (workers=0)
     plan = data.train_plan(64, seed=0, epoch=0, shard=(0, 1))
-    loader = torch.utils.data.DataLoader(common.DecodedImages(data.train_paths, ("train", 224)),
-                                         batch_sampler=plan, num_workers=0, collate_fn=common.collate_decoded)
+    loader = torch.utils.data.DataLoader(streaming.DecodedImages(data.train_paths, ("train", 224)),
+                                         batch_sampler=plan, num_workers=0, collate_fn=streaming.collate_decoded)
     result = rate(((x, torch.zeros(len(x))) for x, _ in loader), count)
-    common.decode_crop = original
+    streaming.decode_crop = original
     return result
 
 
@@ -99,7 +100,7 @@ def device_side_rate(images, batch_size=128):
     x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     data = common.Data(x, torch.zeros(n, dtype=torch.long), x[:1], torch.zeros(1, dtype=torch.long), 10,
                        (0.5,) * 3, (0.25,) * 3, "cifar", image_size=224)
-    return rate(common.train_batches(data, batch_size, seed=0, epoch=0, channels_last=True), n)
+    return rate(data.train_batches(batch_size, seed=0, epoch=0, channels_last=True), n)
 
 
 def output_write_rate(n, batch_size=128):
@@ -155,7 +156,7 @@ def streamed_vs_anchors(args):
 
 def device_side_vs_pil(args):
     files = sorted((Path(args.cifar_dir).expanduser() / "train").rglob("*.jpg"))[:args.cifar_images]
-    images = np.stack([common.read_image(path, 32) for path in files])
+    images = np.stack([datasets.read_image(path, 32) for path in files])
     ours, theirs, bound = device_side_rate(images), pil_upsampling_rate(images), output_write_rate(len(images))
     print("\n| CIFAR 32 -> 224 augmentation (one thread) | images/s |\n|---|---|")
     print(f"| device-side (ours, on the CPU): batched RandomResizedCrop + flip + normalise | {ours:,.0f} |")

@@ -206,7 +206,7 @@ def endless_batches(data, batch_size, channels_last):
     compile, so it is dropped)."""
     shard = (common.rank(), common.world_size())
     for epoch in itertools.count():
-        for x, y in common.train_batches(data, batch_size * shard[1], 0, epoch, channels_last, shard):
+        for x, y in data.train_batches(batch_size * shard[1], 0, epoch, channels_last, shard):
             if len(y) == batch_size:
                 yield x, y
 

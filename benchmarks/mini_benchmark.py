@@ -152,7 +152,7 @@ def print_feature_energy(teacher_file, data_dir):
     common.load_weights(teacher, teacher_file)
     sums = [0.0, 0.0, 0.0]
     with torch.no_grad():
-        for x, y in common.test_batches(data):
+        for x, y in data.test_batches():
             features, _ = models.stage_features(teacher, x)
             sums = [s + f.float().pow(2).mean().item() * len(y) for s, f in zip(sums, features)]
     print("teacher resnet20, mean squared stage output on the test split (stages 1, 2, 3):",

@@ -87,9 +87,9 @@ def record(folder):
 
 def run_all(repo, out):
     out.mkdir(parents=True, exist_ok=True)
-    for entry in ("common.py", "blockwise_kd.py", "sskd.py", "lfcc.py", "models"):
+    for entry in ("common.py", "blockwise_kd.py", "sskd.py", "lfcc.py", "models", "plumbing"):
         link = out / entry
-        if not link.exists():
+        if (repo / entry).exists() and not link.exists():  # (plumbing/: from the core's split on)
             link.symlink_to(repo / entry)
     make_image_folder(out / "images")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}

@@ -15,7 +15,7 @@ Variants of the pipeline:
     reference   what RepDistiller/mdistiller do: a torchvision DataLoader over PIL images (RandomCrop(32, 4),
                 RandomHorizontalFlip, ToTensor, Normalize) in --workers processes, fp32, contiguous memory,
                 eager, the non-fused optimizer; the same loss and modules as ours
-    ours        common.train_batches + common.make_train_step with the device's default fast paths
+    ours        common.Data.train_batches + common.make_train_step with the device's default fast paths
     ours+OPT    the same with OPT changed (several joined by '+'): compile (torch.compile, default mode), graphs
                 (torch.compile mode reduce-overhead: CUDA graphs), cl / nocl (channels_last on/off), bf16 / fp32
                 (autocast on/off)
@@ -162,7 +162,7 @@ def measure(method, variant, args, device, images, labels):
                            torch.zeros(0, 3, args.image_size, args.image_size, dtype=torch.uint8),
                            torch.zeros(0, dtype=torch.long),
                            100, mean, std, "random").to(device)
-        batches = common.train_batches(data, batch_size, seed=0, epoch=0, channels_last=fast.channels_last)
+        batches = data.train_batches(batch_size, seed=0, epoch=0, channels_last=fast.channels_last)
     _, step = common.prepare_training(model, train_modules, loss_fn, recipe, fast, device)
     model.eval()
     for module in train_modules:

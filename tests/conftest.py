@@ -18,6 +18,7 @@ SHARED = ROOT.parent / "shared"
 
 import common  # noqa: E402
 import models  # noqa: E402
+from plumbing import files, runfolder  # noqa: E402
 from models.resnet import CifarResNet  # noqa: E402
 from models.token_models import mlp_mixer, vit  # noqa: E402
 from models.wrn import WideResNet  # noqa: E402
@@ -26,6 +27,16 @@ from models.wrn import WideResNet  # noqa: E402
 # the suite on a 2-core machine) the kernels spin-wait: measured there, a 2-epoch Block-KD run took 17-142 s
 # with 2 threads and 5-7 s with 1.
 torch.set_num_threads(1)
+
+
+def replace_everywhere(monkeypatch, original, replacement):
+    """monkeypatch every name bound to `original` in common, the method files and plumbing's modules (a
+    function imported by name into several modules: each holds its own reference)."""
+    for name, module in list(sys.modules.items()):
+        if name in ("common", "blockwise_kd", "sskd", "lfcc") or name.startswith("plumbing"):
+            for attr, value in list(vars(module).items()):
+                if value is original:
+                    monkeypatch.setattr(module, attr, replacement)
 
 
 def make_parser(method_args=None):
@@ -189,7 +200,7 @@ def files_in(folder):
     """{relative path: bytes} of every file under `folder` but the (empty) lock files and the log, which a run
     only appends to (a refusal too, with its line): what a refusal must leave as it was."""
     return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*"))
-            if p.is_file() and p.name not in (".lock", common.RUN_LOG)}
+            if p.is_file() and p.name not in (".lock", runfolder.RUN_LOG)}
 
 
 TEACHER_FILE = Path("checkpoints") / "synthetic-subset100" / "resnet8_1ep.pth"  # where --teacher-epochs 1 looks
@@ -211,7 +222,7 @@ def workdir(tmp_path_factory):
 def finished_runs(workdir):
     """One finished 1-epoch run of each method script in `workdir` (resnet8 -> resnet8, the teacher that
     common.py saved there; SSKD: 1 epoch per phase): {script: (its folder, its log, the paths it wrote through
-    common.write_atomic)}, and the teacher file's bytes before them. Tests read them, or work on copies."""
+    plumbing.files.write_atomic)}, and the teacher file's bytes before them. Tests read them, or work on copies."""
     import blockwise_kd
     import lfcc
     import sskd
@@ -219,8 +230,8 @@ def finished_runs(workdir):
     runs = {"teacher file before": (workdir / TEACHER_FILE).read_bytes()}
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(workdir)
-        write_atomic, written = common.write_atomic, []
-        mp.setattr(common, "write_atomic", lambda path, content: written.append(Path(path)) or write_atomic(path, content))
+        write_atomic, written = files.write_atomic, []
+        replace_everywhere(mp, write_atomic, lambda path, content: written.append(Path(path)) or write_atomic(path, content))
         for module in (blockwise_kd, sskd, lfcc):
             name = module.__name__
             log, written[:] = io.StringIO(), []

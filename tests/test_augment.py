@@ -82,21 +82,21 @@ def upsampled_data(image_size=64, same_image=False):
 def test_every_sample_gets_its_own_crop_deterministic_in_seed_and_epoch():
     data = upsampled_data(same_image=True)
     assert (data.stored_size, data.image_size, data.augment) == (32, 64, "resized-crop")
-    x, y = next(common.train_batches(data, 50, seed=0, epoch=0))
+    x, y = next(data.train_batches(50, seed=0, epoch=0))
     assert x.shape == (50, 3, 64, 64)
     assert len({tuple(sample.flatten().tolist()) for sample in x}) == 50  # 50 crops, not one per batch
-    again = list(common.train_batches(data, 50, seed=0, epoch=0))
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(again, common.train_batches(data, 50, seed=0, epoch=0)))
-    other = next(common.train_batches(data, 50, seed=0, epoch=1))[0]
+    again = list(data.train_batches(50, seed=0, epoch=0))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(again, data.train_batches(50, seed=0, epoch=0)))
+    other = next(data.train_batches(50, seed=0, epoch=1))[0]
     assert not torch.equal(other, again[0][0])
     # Under torchrun each rank takes its part of each global batch: together, the single-process batch.
-    parts = [next(common.train_batches(data, 50, seed=0, epoch=0, shard=(r, 3)))[0] for r in range(3)]
+    parts = [next(data.train_batches(50, seed=0, epoch=0, shard=(r, 3)))[0] for r in range(3)]
     assert torch.equal(torch.cat(parts), again[0][0])
 
 
 def test_test_images_are_resized_whole():
     data = upsampled_data()
-    x, y = next(common.test_batches(data, batch_size=10))
+    x, y = next(data.test_batches(batch_size=10))
     expected = data.normalize(F.interpolate(data.test_x[:10].float(), size=64, mode="bilinear"))
     torch.testing.assert_close(x, expected)
 

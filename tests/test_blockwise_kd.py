@@ -173,7 +173,7 @@ def test_teacher_frozen_and_every_stone_trains_the_first_stage(synthetic_data):
     args = bkd_args()
     stones = bkd.SteppingStones(teacher, student, [1, 2, 3])
     loss_fn = bkd.make_loss_fn(student, teacher, stones, args, ramp_epochs=1.0, label_smoothing=0.0)
-    batches = common.train_batches(synthetic_data, 32, seed=0, epoch=0)
+    batches = synthetic_data.train_batches(32, seed=0, epoch=0)
     # What fit does with distill's train_modules [student, stepping-stones]: every trainable parameter they
     # give is optimised, and they are put in train mode.
     optimizer, terms = train_steps(student, [student, stones], loss_fn, [next(batches) for _ in range(4)],
@@ -208,7 +208,7 @@ def test_no_stones_is_hinton_kd(synthetic_data):
     teacher, student = frozen(tiny_model("wrn_10_1", seed=0)), tiny_model("narrow_resnet8", seed=0).eval()
     stones = bkd.SteppingStones(teacher, student, [])
     loss_fn = bkd.make_loss_fn(student, teacher, stones, args, ramp_epochs=0.0, label_smoothing=0.0)
-    x, y = next(common.train_batches(synthetic_data, 16, seed=0, epoch=0))
+    x, y = next(synthetic_data.train_batches(16, seed=0, epoch=0))
     loss, terms = loss_fn(x, y, progress=0.0)
     s, t = student(x), teacher(x)
     expected = 0.1 * F.cross_entropy(s, y) + 0.9 * kd_by_hand(t, s, 4.0)

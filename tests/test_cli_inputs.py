@@ -10,6 +10,7 @@ from PIL import Image
 
 import blockwise_kd
 import common
+from plumbing import validators
 import lfcc
 import sskd
 from conftest import ROOT, make_args
@@ -116,8 +117,8 @@ def test_edge_values_that_are_allowed():
 
 
 def test_the_largest_seed_is_allowed_and_trains(synthetic_data):
-    assert make_args("--seed", common.MAX_SEED).seed == 2 ** 32 - 1
-    x, y = next(common.train_batches(synthetic_data, 8, seed=common.MAX_SEED, epoch=10_000))  # no int64 overflow
+    assert make_args("--seed", validators.MAX_SEED).seed == 2 ** 32 - 1
+    x, y = next(synthetic_data.train_batches(8, seed=validators.MAX_SEED, epoch=10_000))  # no int64 overflow
     assert x.shape == (8, 3, 32, 32)
 
 

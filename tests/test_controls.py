@@ -13,7 +13,7 @@ def test_ce_kd_control_is_the_same_loss_and_gradient_in_blockkd_and_lfcc(synthet
     torch.manual_seed(0)
     teacher = frozen(models.create_model("resnet8", 10))
     student = models.create_model("resnet8", 10)
-    x, y = next(common.train_batches(synthetic_data, 16, seed=0, epoch=0))
+    x, y = next(synthetic_data.train_batches(16, seed=0, epoch=0))
 
     bkd_args = make_args("--stones", "none", "--gamma", 0, method_args=bkd.add_args)
     stones = bkd.SteppingStones(teacher, student, [])

@@ -5,6 +5,7 @@ import torchvision
 from PIL import Image
 
 import common
+from plumbing import datasets
 from conftest import make_args
 
 
@@ -13,19 +14,19 @@ def constant_data(images, labels):
 
 
 def test_batches_shapes_and_seeded_determinism(synthetic_data):
-    batches = list(common.train_batches(synthetic_data, 64, seed=0, epoch=3))
+    batches = list(synthetic_data.train_batches(64, seed=0, epoch=3))
     assert len(batches) == 10 and batches[0][0].shape == (64, 3, 32, 32) and batches[0][0].dtype == torch.float32
     assert sorted(torch.cat([y for _, y in batches]).tolist()) == sorted(synthetic_data.train_y.tolist())
-    again = list(common.train_batches(synthetic_data, 64, seed=0, epoch=3))
+    again = list(synthetic_data.train_batches(64, seed=0, epoch=3))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again))
-    other = next(common.train_batches(synthetic_data, 64, seed=0, epoch=4))
+    other = next(synthetic_data.train_batches(64, seed=0, epoch=4))
     assert not torch.equal(other[0], batches[0][0])
 
 
 def test_crop_pads_with_zeros_at_the_expected_rate():
     n = 4000
     data = constant_data(torch.full((n, 3, 32, 32), 255, dtype=torch.uint8), torch.zeros(n, dtype=torch.long))
-    x = torch.cat([b for b, _ in common.train_batches(data, 500, seed=1, epoch=0)])
+    x = torch.cat([b for b, _ in data.train_batches(500, seed=1, epoch=0)])
     # Offsets are uniform in 0..8 per axis, so on average 20/9 rows and 20/9 columns are padding.
     expected = ((32 - 20 / 9) / 32) ** 2
     assert abs((x > 0).float().mean().item() - expected) < 0.005
@@ -37,7 +38,7 @@ def test_flip_happens_half_the_time():
     images = torch.zeros(n, 3, 32, 32, dtype=torch.uint8)
     images[..., :16] = 255  # bright left half
     data = constant_data(images, torch.zeros(n, dtype=torch.long))
-    x = torch.cat([b for b, _ in common.train_batches(data, 500, seed=2, epoch=0)])
+    x = torch.cat([b for b, _ in data.train_batches(500, seed=2, epoch=0)])
     left, right = x[..., :8].sum((1, 2, 3)), x[..., 24:].sum((1, 2, 3))
     assert torch.all((left == 0) ^ (right == 0))  # a shift of at most 4 pixels never mixes the halves
     assert abs((right > 0).float().mean().item() - 0.5) < 0.03
@@ -128,10 +129,10 @@ def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped(tmp_path):
     Image.fromarray(ramp).save(tmp_path / "ramp.png")
     Image.fromarray(np.full((32, 32), 30146, dtype=np.uint16)).save(tmp_path / "grey.png")  # 46 % grey
     assert Image.open(tmp_path / "ramp.png").mode.startswith("I")
-    pixels = common.read_image(tmp_path / "ramp.png")
+    pixels = datasets.read_image(tmp_path / "ramp.png")
     assert pixels.dtype == np.uint8 and pixels.shape == (32, 32, 3)
     assert np.abs(pixels[..., 0].astype(float) - ramp / 257).max() <= 0.5  # was 0, 64, 128, 192, 255, 255, ...
-    assert (common.read_image(tmp_path / "grey.png") == 117).all()  # was 255: white
+    assert (datasets.read_image(tmp_path / "grey.png") == 117).all()  # was 255: white
 
 
 def test_images_with_no_8_bit_reading_are_refused_by_name(tmp_path):

@@ -102,7 +102,7 @@ def runs(synthetic_data, tmp_path_factory):
                                           "--workers", 0), torch.device("cpu"))
     single["kd_streamed"] = train("kd", streamed, folder / "single_kd_streamed")
     train("kd", data, folder / "killed_on_1", kill_in_epoch_2=True)  # for the 2 ranks to resume
-    common._locked_dirs.pop((folder / "killed_on_1").resolve()).release()  # as if this process had ended
+    common.session.folder_locks.pop((folder / "killed_on_1").resolve()).release()  # as if this process had ended
     g = torch.Generator().manual_seed(0)
     z_student = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=1)
     z_teacher = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=1)
@@ -163,7 +163,6 @@ def test_the_batch_split_check_knows_the_recipe_of_a_teacher_still_to_train(monk
     """Under torchrun, the batch of a teacher that is trained first is its recipe row's (setting, family); a
     torchvision teacher of 1000 classes is used as it is, nothing to train."""
     monkeypatch.setattr(common, "world_size", lambda: 2)
-    monkeypatch.setattr(common, "from_rank_0", lambda value: value)
     data = data_slice(synthetic_data, 129, 10)  # 129 = 128 + 1: the ofa recipe's teacher batch leaves 1 image
     args = make_args("--teacher", "tv_resnet34", "--student", "tv_resnet18", "--dataset", "cifar100",
                      "--image-size", 224, "--batch-size", 6, "--checkpoint-dir", "nowhere")
@@ -193,14 +192,14 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(runs):
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_the_ranks_shards_are_exactly_the_epoch_and_the_test_set(world, synthetic_data):
     data = data_slice(synthetic_data, 101, 1002)  # last train batch: 5 images; last test batch: 2 (< 3, 4)
-    whole = list(common.train_batches(data, 32, seed=0, epoch=1))
-    shards = [list(common.train_batches(data, 32, seed=0, epoch=1, shard=(r, world))) for r in range(world)]
+    whole = list(data.train_batches(32, seed=0, epoch=1))
+    shards = [list(data.train_batches(32, seed=0, epoch=1, shard=(r, world))) for r in range(world)]
     for step, (x, y) in enumerate(whole):
         assert torch.equal(torch.cat([shard[step][0] for shard in shards]), x)
         assert torch.equal(torch.cat([shard[step][1] for shard in shards]), y)
         sizes = [len(shard[step][1]) for shard in shards]
         assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
-    tests = [list(common.test_batches(data, shard=(r, world))) for r in range(world)]
+    tests = [list(data.test_batches(shard=(r, world))) for r in range(world)]
     assert len({len(t) for t in tests}) == 1 and all(len(y) for t in tests for _, y in t)  # no rank empty
     assert torch.equal(torch.cat([y for step in zip(*tests) for _, y in step]), data.test_y)
 

@@ -17,7 +17,8 @@ import torch
 import blockwise_kd as bkd
 import common
 import sskd
-from conftest import METHOD_RUN, TEACHER_FILE, TINY, files_in, make_args, read_summary, refused, run
+from plumbing import files, progress, runfolder
+from conftest import METHOD_RUN, TEACHER_FILE, TINY, files_in, make_args, read_summary, refused, replace_everywhere, run
 
 
 class Killed(BaseException):
@@ -141,7 +142,7 @@ def test_a_run_that_failed_at_its_first_step_does_not_block_the_same_command(scr
     monkeypatch.setattr(common, "learning_rate", out_of_memory)
     with pytest.raises(RuntimeError):
         run(monkeypatch, main, *argv, "--out-dir", out)
-    assert not list(common.run_results(out))
+    assert not list(runfolder.run_results(out))
     monkeypatch.setattr(common, "learning_rate", learning_rate)
     run(monkeypatch, main, *argv, "--out-dir", out)
     assert (out / "model.pth").exists() and "CUDA out of memory" not in (out / "log.txt").read_text()
@@ -216,7 +217,7 @@ def failing_write(monkeypatch, name, error, after_bytes=100, times=1):
             left[0] -= 1
             return FailingFile(path)
         return real_open(path, mode, *args, **kwargs)
-    monkeypatch.setattr(common, "open", fake_open, raising=False)
+    monkeypatch.setattr(files, "open", fake_open, raising=False)
 
 
 @pytest.mark.parametrize("name", ["run.json", "metrics.jsonl", "model.pth", "summary.json"])
@@ -227,7 +228,6 @@ def test_a_full_disk_is_one_line_and_leaves_no_file_half_written(name, tmp_path,
     common_run(monkeypatch, out)  # every file exists once, complete
     before = files_in(out)
     failing_write(monkeypatch, name, errno.ENOSPC)
-    monkeypatch.setattr(common, "last_checkpoint", {})
     message = refused(monkeypatch, capsys, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--out-dir", out,
                       "--overwrite" if name == "run.json" else "--resume")
     assert message.startswith(f"error: cannot write {out / name} (No space left on device); ")
@@ -241,7 +241,6 @@ def test_a_full_disk_is_one_line_and_leaves_no_file_half_written(name, tmp_path,
 def test_a_full_disk_at_the_second_checkpoint_keeps_the_first_and_says_how_to_resume(tmp_path, monkeypatch,
                                                                                     capsys):
     out = tmp_path / "run"
-    monkeypatch.setattr(common, "last_checkpoint", {})
     saves = []
     save_atomic = common.save_atomic
 
@@ -251,14 +250,14 @@ def test_a_full_disk_at_the_second_checkpoint_keeps_the_first_and_says_how_to_re
             if len(saves) == 2:
                 failing_write(monkeypatch, "checkpoint.pt", errno.ENOSPC)
         save_atomic(obj, path)
-    monkeypatch.setattr(common, "save_atomic", second_checkpoint_fails)
+    replace_everywhere(monkeypatch, save_atomic, second_checkpoint_fails)
     message = refused(monkeypatch, capsys, common.main, "--model", "resnet8", *TINY, "--epochs", 2, "--out-dir", out)
     resume = f"python script.py --model resnet8 {' '.join(TINY)} --epochs 2 --out-dir {out} --resume"
     assert message == (f"error: cannot write {out / 'checkpoint.pt'} (No space left on device); the last complete "
                        f"checkpoint is {out / 'checkpoint.pt'} (epoch 1/2); to resume: {resume}")
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1 and not list(out.glob("*.tmp"))
-    monkeypatch.setattr(common, "save_atomic", save_atomic)
-    monkeypatch.setattr(common, "open", open, raising=False)
+    replace_everywhere(monkeypatch, second_checkpoint_fails, save_atomic)
+    monkeypatch.setattr(files, "open", open, raising=False)
     run(monkeypatch, common.main, *resume.split()[2:])  # the advice, as written
     assert "resumed" in capsys.readouterr().out and read_summary(out)["epochs"] == 2
 
@@ -271,7 +270,6 @@ def test_a_file_that_cannot_be_replaced_is_one_line_and_stays_as_it_was(tmp_path
     def replace(source, destination):
         raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
     monkeypatch.setattr(os, "replace", replace)
-    monkeypatch.setattr(common, "last_checkpoint", {})
     with pytest.raises(SystemExit) as stop:
         common.save_atomic({"epoch": 2}, path)
     assert stop.value.code.startswith(f"error: cannot write {path} (Operation not permitted); ")
@@ -280,13 +278,13 @@ def test_a_file_that_cannot_be_replaced_is_one_line_and_stays_as_it_was(tmp_path
 
 def test_every_file_a_run_writes_is_written_atomically(finished_runs, workdir):
     """The class of half-written files: each file in a finished run folder (an SSKD run's phases included)
-    was last written through common.write_atomic, so none can be left half-written; log.txt apart, which is
+    was last written through plumbing.files.write_atomic, so none can be left half-written; log.txt apart, which is
     appended line by line (its last line at worst is cut)."""
     for script in ("blockwise_kd", "sskd", "lfcc"):
         out, _, written = finished_runs[script]
-        files = {p.resolve() for p in out.rglob("*") if p.is_file() and p.name not in (".lock", common.RUN_LOG)}
-        assert (out / common.RUN_TEACHER).samefile(workdir / TEACHER_FILE)  # a hard link, a rename atomically
-        files.remove((out / common.RUN_TEACHER).resolve())
+        files = {p.resolve() for p in out.rglob("*") if p.is_file() and p.name not in (".lock", runfolder.RUN_LOG)}
+        assert (out / runfolder.RUN_TEACHER).samefile(workdir / TEACHER_FILE)  # a hard link, a rename atomically
+        files.remove((out / runfolder.RUN_TEACHER).resolve())
         assert len(files) >= 5 and files <= {p.resolve() for p in written}, script
 
 
@@ -312,14 +310,13 @@ def test_ctrl_c_and_sigterm_say_where_the_last_checkpoint_is_and_how_to_resume(s
             stop_run()
         return learning_rate(recipe, progress)
     monkeypatch.setattr(common, "learning_rate", stop_in_epoch_2)
-    monkeypatch.setattr(common, "last_checkpoint", {})
     with pytest.raises(SystemExit) as stop:
         run(monkeypatch, common.main, "--model", "resnet8", *TINY, "--epochs", 2, "--out-dir", out)
     assert stop.value.code == code
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert last_line == (f"{prefix}: the last complete checkpoint is {out / 'checkpoint.pt'} (epoch 1/2); to resume: "
                          f"python script.py --model resnet8 {' '.join(TINY)} --epochs 2 --out-dir {out} --resume")
-    assert signal.getsignal(signal.SIGTERM) is not common.raise_terminated  # the handler lives only in run_main
+    assert signal.getsignal(signal.SIGTERM) is not progress.raise_terminated  # the handler lives only in run_main
     monkeypatch.setattr(common, "learning_rate", learning_rate)
     run(monkeypatch, common.main, *last_line.split("to resume: python script.py ")[1].split())  # as written
     assert "resumed" in capsys.readouterr().out and read_summary(out)["epochs"] == 2

@@ -135,7 +135,7 @@ def test_teacher_is_unchanged_and_projectors_of_both_sides_train(synthetic_data)
     teacher_before, space_before = snapshot(teacher), snapshot(space)
     # What fit does with distill's train_modules [student, compact space]: every trainable parameter they
     # give is optimised, and they are put in train mode.
-    batches = common.train_batches(synthetic_data, 32, seed=0, epoch=0)
+    batches = synthetic_data.train_batches(32, seed=0, epoch=0)
     optimizer, terms = train_steps(student, [student, space], loss_fn, [next(batches) for _ in range(3)])
     assert set(terms[-1]) == {"ce", "kd", "lfcc", "lfcc_s1", "lfcc_s2", "lfcc_s3",
                               "rank_acc_s1", "rank_acc_s2", "rank_acc_s3"}
@@ -156,7 +156,7 @@ def one_step(synthetic_data, teacher, student, *flags):
     low_pass = lfcc.make_filter(args)
     sizes = lfcc.filtered_sizes(teacher, args.stages, low_pass)
     space = lfcc.CompactSpace(lfcc.filtered_sizes(student, args.stages, low_pass), sizes, args.proj_dim)
-    x, y = next(common.train_batches(synthetic_data, 16, seed=0, epoch=0))
+    x, y = next(synthetic_data.train_batches(16, seed=0, epoch=0))
     recipe = common.make_recipe(args, models.model_family(student.arch))
     loss, terms = lfcc.make_loss_fn(args, recipe, student, frozen(teacher), space, low_pass)(x, y, 0.0)
     assert torch.isfinite(loss)

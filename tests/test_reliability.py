@@ -16,6 +16,7 @@ from PIL import Image
 
 import blockwise_kd as bkd
 import common
+from plumbing import files
 from conftest import TEACHER_FILE, TINY, files_in, make_parser, refused, run
 
 
@@ -246,7 +247,7 @@ def test_a_teacher_being_made_by_another_process_is_waited_for_and_used(tmp_path
     run(monkeypatch, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--out-dir", "made_elsewhere")
     target = tmp_path / TEACHER_FILE
     target.parent.mkdir(parents=True)
-    other = common.FileLock(target.with_name(f".{target.name}.lock"))
+    other = files.FileLock(target.with_name(f".{target.name}.lock"))
     assert other.acquire()
 
     def the_other_run_finishes():
@@ -265,7 +266,7 @@ def test_a_teacher_being_made_by_another_process_is_waited_for_and_used(tmp_path
 def test_save_as_teacher_is_refused_while_another_process_makes_that_teacher(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / TEACHER_FILE).parent.mkdir(parents=True)
-    other = common.FileLock((tmp_path / TEACHER_FILE).with_name(".resnet8_1ep.pth.lock"))
+    other = files.FileLock((tmp_path / TEACHER_FILE).with_name(".resnet8_1ep.pth.lock"))
     assert other.acquire()
     message = refused(monkeypatch, capsys, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--out-dir", "a",
                       "--save-as-teacher")

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import blockwise_kd as bkd
 import common
+from plumbing import datasets
 import lfcc
 import models
 import sskd
@@ -55,14 +56,14 @@ def test_synthetic_images_at_another_size_and_the_32_pixel_ones_unchanged():
     (small_x, small_y, *_), _ = common.make_synthetic(train_size=40, test_size=20)
     assert torch.equal(train_y, small_y) and small_x.shape == (40, 3, 32, 32)
     # The 64-pixel images are the 32-pixel ones, resized: same content, twice the side.
-    assert (common.resize_uint8(small_x, 64).int() - train_x.int()).abs().max() == 0
+    assert (datasets.resize_uint8(small_x, 64).int() - train_x.int()).abs().max() == 0
 
 
 def test_batches_are_cropped_at_the_data_size(synthetic_data):
-    big = common.resize_uint8(synthetic_data.train_x[:64], 48)
+    big = datasets.resize_uint8(synthetic_data.train_x[:64], 48)
     data = common.Data(big, synthetic_data.train_y[:64], big, synthetic_data.train_y[:64], 10, (0.5,) * 3,
                        (0.25,) * 3, "synthetic")
-    x, y = next(common.train_batches(data, 16, seed=0, epoch=0))
+    x, y = next(data.train_batches(16, seed=0, epoch=0))
     assert data.image_size == 48 and x.shape == (16, 3, 48, 48)
 
 

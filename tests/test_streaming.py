@@ -14,6 +14,7 @@ from PIL import Image
 
 import blockwise_kd
 import common
+from plumbing import streaming
 import lfcc
 import sskd
 from conftest import make_args, make_imagenet_folder, refused, run
@@ -35,12 +36,12 @@ def streamed(folder, *flags):
 
 def test_batches_depend_on_seed_and_epoch_not_on_the_workers(imagenet_folder):
     alone, pool = streamed(imagenet_folder, "--workers", 0), streamed(imagenet_folder, "--workers", 2)
-    assert isinstance(alone, common.StreamedData) and len(alone.train_y) == 24 and alone.num_classes == 3
-    first = list(common.train_batches(alone, 10, seed=0, epoch=3))
+    assert isinstance(alone, streaming.StreamedData) and len(alone.train_y) == 24 and alone.num_classes == 3
+    first = list(alone.train_batches(10, seed=0, epoch=3))
     assert [len(y) for _, y in first] == [10, 10, 4] and first[0][0].shape == (10, 3, 64, 64)
-    for (x, y), (x2, y2) in zip(first, common.train_batches(pool, 10, seed=0, epoch=3)):
+    for (x, y), (x2, y2) in zip(first, pool.train_batches(10, seed=0, epoch=3)):
         assert torch.equal(x, x2) and torch.equal(y, y2)
-    other = next(common.train_batches(alone, 10, seed=0, epoch=4))[0]
+    other = next(alone.train_batches(10, seed=0, epoch=4))[0]
     assert not torch.equal(other, first[0][0])
     # Every sample its own crop: the first batch's samples all differ.
     assert len({tuple(x.flatten().tolist()) for x in first[0][0]}) == 10
@@ -64,7 +65,7 @@ def test_evaluation_images_equal_torchvisions_resize_and_center_crop(imagenet_fo
     data = streamed(imagenet_folder, "--image-size", 224, "--workers", 0)
     assert data.eval_resize == 256
     reference = T.Compose([T.Resize(256), T.CenterCrop(224), T.PILToTensor()])
-    x, y = next(common.test_batches(data, batch_size=9))
+    x, y = next(data.test_batches(batch_size=9))
     for image, label, path in zip(x, y, data.test_paths):
         with Image.open(path) as img:
             expected = data.normalize(reference(img.convert("RGB"))[None])[0]
@@ -105,8 +106,8 @@ def test_a_file_that_fails_to_decode_in_training_is_named(imagenet_folder, tmp_p
     victim = truncated / "train" / CLASSES[1] / f"{CLASSES[1]}_0.JPEG"
     victim.write_bytes(victim.read_bytes()[:-300])  # the header is intact, the last pixels are not
     data = streamed(truncated, "--workers", 0)
-    with pytest.raises(common.UnreadableFile, match=f"{victim} \\(cannot be decoded"):
-        list(common.train_batches(data, 8, seed=0, epoch=0))
+    with pytest.raises(streaming.UnreadableFile, match=f"{victim} \\(cannot be decoded"):
+        list(data.train_batches(8, seed=0, epoch=0))
 
 
 def test_a_streamed_run_killed_mid_epoch_resumes_exactly(imagenet_folder, tmp_path):
@@ -180,15 +181,15 @@ def test_16_bit_greyscale_and_animated_gifs_decode_alike_for_training_and_evalua
     Image.fromarray(np.full((40, 50), 30000, dtype=np.uint16)).save(tmp_path / "grey16.png")
     frames = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 50, 3), dtype=np.uint8)) for i in range(3)]
     frames[0].save(tmp_path / "animated.gif", save_all=True, append_images=frames[1:], duration=100)
-    grey = common.decode_rgb(tmp_path / "grey16.png")
+    grey = streaming.decode_rgb(tmp_path / "grey16.png")
     assert grey.dtype == torch.uint8 and (grey == 117).all()
-    assert (common.decode_center(tmp_path / "grey16.png", 16, 18) == 117).all()
-    assert (common.decode_crop(tmp_path / "grey16.png", (0, 0, 40, 50), 16, False) == 117).all()
-    first_frame = torch.from_numpy(common.read_image(tmp_path / "animated.gif", size=None)).permute(2, 0, 1)
-    assert torch.equal(common.decode_rgb(tmp_path / "animated.gif"), first_frame)
+    assert (streaming.decode_center(tmp_path / "grey16.png", 16, 18) == 117).all()
+    assert (streaming.decode_crop(tmp_path / "grey16.png", (0, 0, 40, 50), 16, False) == 117).all()
+    first_frame = torch.tensor(streaming.read_image(tmp_path / "animated.gif", size=None)).permute(2, 0, 1)
+    assert torch.equal(streaming.decode_rgb(tmp_path / "animated.gif"), first_frame)
     with Image.open(tmp_path / "animated.gif") as gif:  # frame 0 (GIF's palette: not the frame saved)
-        assert gif.n_frames == 3 and torch.equal(first_frame, torch.from_numpy(np.asarray(gif.convert("RGB"))).permute(2, 0, 1))
-    assert common.decode_crop(tmp_path / "animated.gif", (5, 5, 20, 30), 16, True).shape == (3, 16, 16)
+        assert gif.n_frames == 3 and torch.equal(first_frame, torch.tensor(np.asarray(gif.convert("RGB"))).permute(2, 0, 1))
+    assert streaming.decode_crop(tmp_path / "animated.gif", (5, 5, 20, 30), 16, True).shape == (3, 16, 16)
 
 
 @pytest.mark.parametrize("pipeline", ["stream, 2 workers", "stream, no worker", "device"])
@@ -243,7 +244,6 @@ def test_a_corrupt_validation_image_costs_no_training_and_the_advice_goes_on(ima
     victim.unlink()  # the advice
     command = line.split("go on with: python script.py ")[1].split()
     assert command[-4:] == ["--out-dir", str(out_dir.relative_to(tmp_path)), "--resume", "--allow-data-change"]
-    monkeypatch.setattr(common, "last_checkpoint", {})
     run(monkeypatch, common.main, *command)  # as written
     out = capsys.readouterr().out
     assert "--allow-data-change: the data changed since the run started" in out and "24 -> 24 training, 9 -> 8 test" in out

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common
+from plumbing import session
 from conftest import make_args
 from models import create_model
 
@@ -145,7 +146,7 @@ def test_the_run_folder_keeps_the_log_with_times_and_evaluate_prints_top_5(tmp_p
     common.run_main(lambda: common.main([str(a) for a in ["--model", "resnet8", *flags, "--out-dir", "run"]]))
     shown = capsys.readouterr().out.splitlines()
     logged = (tmp_path / "run" / "log.txt").read_text().splitlines()
-    assert logged[0].endswith(" $ " + common.command_line()) and len(logged) == len(shown) + 1
+    assert logged[0].endswith(" $ " + session.command_line()) and len(logged) == len(shown) + 1
     for line, printed in zip(logged[1:], shown):
         assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d " + re.escape(printed), line)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
