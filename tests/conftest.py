@@ -12,16 +12,21 @@ import numpy as np
 import pytest
 import torch
 
+from models import create_model
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
 
+import blockwise_kd  # noqa: E402
 import common  # noqa: E402
+import lfcc  # noqa: E402
 import models  # noqa: E402
-from plumbing import files, runfolder  # noqa: E402
+import sskd  # noqa: E402
 from models.resnet import CifarResNet  # noqa: E402
 from models.token_models import mlp_mixer, vit  # noqa: E402
 from models.wrn import WideResNet  # noqa: E402
+from plumbing import files, runfolder  # noqa: E402
 
 # One thread: the tests' models are tiny, and with more threads than free cores (a benchmark running beside
 # the suite on a 2-core machine) the kernels spin-wait: measured there, a 2-epoch Block-KD run took 17-142 s
@@ -223,9 +228,6 @@ def finished_runs(workdir):
     """One finished 1-epoch run of each method script in `workdir` (resnet8 -> resnet8, the teacher that
     common.py saved there; SSKD: 1 epoch per phase): {script: (its folder, its log, the paths it wrote through
     plumbing.files.write_atomic)}, and the teacher file's bytes before them. Tests read them, or work on copies."""
-    import blockwise_kd
-    import lfcc
-    import sskd
 
     runs = {"teacher file before": (workdir / TEACHER_FILE).read_bytes()}
     with pytest.MonkeyPatch.context() as mp:
@@ -261,3 +263,89 @@ def make_imagenet_folder(root, train_per_class, val_per_class, classes=("n014407
                 field[..., c % 3] = 255
                 Image.fromarray(field).resize((w, h), Image.BICUBIC).save(folder / f"{wnid}_{i}.JPEG", quality=90)
     return root
+
+
+# ------------------------------------------------------------------------ shared by several test files
+
+IMAGENET_CLASSES = ["n01440764", "n01443537", "n01484850"]
+
+
+@pytest.fixture(scope="session")
+def imagenet_folder(tmp_path_factory):
+    """24 training and 9 validation JPEGs of 3 classes (conftest.make_imagenet_folder)."""
+    return make_imagenet_folder(tmp_path_factory.mktemp("imagenet"), 8, 3, IMAGENET_CLASSES)
+
+
+@pytest.fixture
+def nothing_runs(monkeypatch):
+    """Fail the test if a script gets as far as loading data, building a model or loading a teacher."""
+    def reached(*args, **kwargs):
+        pytest.fail("a bad input got past the command-line checks")
+    for name in ("load_data", "build_model", "load_teacher"):
+        monkeypatch.setattr(common, name, reached)
+
+
+def common_run(monkeypatch, out, *extra):
+    """`python common.py --model resnet8` on TINY for 1 epoch into `out`, in-process."""
+    run(monkeypatch, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--out-dir", out, *extra)
+
+
+def short_fit_args(tmp_path, *extra, model=None):
+    """The flags of a 2-epoch run on 640 synthetic images into tmp_path, and a seeded resnet8 (or `model`)."""
+    args = make_args("--dataset", "synthetic", "--train-subset", 640, "--epochs", 2, "--out-dir", tmp_path, *extra)
+    torch.manual_seed(args.seed)
+    model = model or create_model("resnet8", 10)
+    return args, model
+
+
+def written_run(out_dir, arch, method):
+    """summary.json and model.pth of a finished run: a number for last_acc, the method named, and model.pth
+    in the benchmark format, loading strictly into a fresh `arch` with the data's 10 classes, recording the
+    fingerprint of the data it was trained on."""
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert isinstance(summary["last_acc"], float) and 0 <= summary["last_acc"] <= 100, summary["last_acc"]
+    assert summary.get("method") == method
+    model = common.build_model(arch, 10, torch.device("cpu"))
+    checkpoint = common.load_weights(model, out_dir / "model.pth")  # SystemExit unless the architecture fits
+    assert checkpoint["accuracy"] == summary["last_acc"] and checkpoint["epoch"] == summary["epochs"]
+    assert checkpoint["data"] == summary["data"] and len(summary["data"]) == 16
+    return summary, checkpoint["model"]
+
+
+def method_run(finished_runs, workdir, script):
+    """A finished run of a method script (conftest.finished_runs): its summary and student weights, after
+    checking that it found the teacher common.py saved (not trained again), left it as it was, and recorded it."""
+    out_dir, log, _ = finished_runs[script]
+    assert "training it first" not in log and f"teacher resnet8 from {TEACHER_FILE}" in log
+    assert (workdir / TEACHER_FILE).read_bytes() == finished_runs["teacher file before"]
+    summary, weights = written_run(out_dir, "resnet8", script)
+    teacher = torch.load(workdir / TEACHER_FILE, weights_only=True)
+    assert summary["teacher"]["file"] == str(TEACHER_FILE) and summary["teacher"]["arch"] == "resnet8"
+    assert (summary["teacher"]["epochs"], summary["teacher"]["accuracy"]) == (1, teacher["accuracy"])
+    assert summary["teacher"]["data"] == summary["data"]  # the teacher used, and what it was trained on
+    return summary, weights, teacher["model"]
+
+
+# The scripts, by name: their module and the flags a run of each needs beyond the shared ones.
+SCRIPTS = {"common": (common, ["--model", "resnet8"]), "blockwise_kd": (blockwise_kd, []), "sskd": (sskd, []),
+           "lfcc": (lfcc, [])}
+
+
+def parser_error(script, argv, capsys):
+    """Run the script's main(argv); return its one error line, after checking exit code 2 and no traceback."""
+    module, base = SCRIPTS[script]
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(base + [str(a) for a in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+def one_line_exit(error):
+    """The message of a SystemExit("error: ...") (exit code 1 once it leaves the interpreter)."""
+    message = error.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
+    return message

@@ -1,3 +1,4 @@
+"""Block-KD (blockwise_kd.py): connectors, stepping-stones, the loss term by term, the KD baseline, and runs."""
 import copy
 import json
 
@@ -6,10 +7,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import blockwise_kd
 import blockwise_kd as bkd
 import common
 import models
-from conftest import changed_keys, frozen, make_args, snapshot, tiny_model, train_steps
+from conftest import changed_keys, frozen, make_args, method_run, parser_error, snapshot, tiny_model, train_steps
 
 
 def bkd_args(*argv):
@@ -350,3 +352,31 @@ def test_short_run_of_each_pair_family_learns_and_distils(tmp_path, small_data, 
     assert saved["params"] == common.count_params(student)
     weights = torch.load(tmp_path / "blockkd" / "model.pth", weights_only=True)["model"]
     assert set(weights) == set(student.state_dict())  # connectors are not in the saved student
+
+
+def test_blockwise_kd_script(finished_runs, workdir):
+    summary, weights, teacher = method_run(finished_runs, workdir, "blockwise_kd")
+    assert summary["epochs"] == 1
+    method = summary["blockwise_kd"]
+    assert method["stones"] == [1, 2, 3] and method["teacher"] == "resnet8" and method["connector_params"] > 0
+    assert method["connectors"] == {"1": "Connector", "2": "Connector", "3": "Connector"}
+    assert {"task", "distill", "cross", "ramp", "stone1_acc", "stone2_acc", "stone3_acc"} <= set(summary["last_epoch"])
+    assert not torch.equal(weights["conv1.weight"], teacher["conv1.weight"])  # the student, not the teacher
+
+
+@pytest.mark.parametrize("stones", ["4", "0", "1,x", "", "two"])
+def test_bad_stones_stop_before_data_and_teacher(stones, nothing_runs, capsys):
+    line = parser_error("blockwise_kd", ["--dataset", "synthetic", "--stones", stones], capsys)
+    assert line.endswith(f"error: argument --stones: must be all, none or a comma list of stages 1..3, not {stones!r}"), line
+
+
+def test_good_stones_pass_the_early_check(monkeypatch):
+    class Reached(Exception):
+        pass
+
+    def reached(*args):
+        raise Reached
+    monkeypatch.setattr(common, "setup", reached)
+    for stones in ("all", "none", "3,1"):
+        with pytest.raises(Reached):
+            blockwise_kd.main(["--stones", stones, "--student", "vit"])

@@ -1,9 +1,10 @@
-"""README "Copying a method into your code": its three code blocks, run as they are, so that they cannot rot.
+"""README "Copying a method into your code": its three code blocks run as they are, so that they cannot rot.
+
+README "Copying a method into your code": its three code blocks, run as they are, so that they cannot rot.
 
 Each block is the indented code block after a line `<!-- copy-example: NAME ...-->`. They run in order in one
 namespace (the LFCC and SSKD blocks use the models of the Block-KD block). torch.optim.SGD and torchvision's
-resnet18 are wrapped to record what each optimizer was given and the teacher's initial weights.
-"""
+resnet18 are wrapped to record what each optimizer was given and the teacher's initial weights."""
 import copy
 import math
 import textwrap

@@ -1,12 +1,10 @@
-import numpy as np
+"""Data on the device (common.Data, load_data): batches seeded by (seed, epoch), padding crops, flips, upsampling."""
 import pytest
 import torch
-import torchvision
-from PIL import Image
+import torch.nn.functional as F
 
 import common
-from plumbing import datasets
-from conftest import make_args
+from conftest import TINY, make_args, refused, run
 
 
 def constant_data(images, labels):
@@ -49,138 +47,7 @@ def test_normalization_uses_mean_and_std(synthetic_data):
     assert x.mean((0, 2, 3)).abs().max() < 1e-3 and (x.std((0, 2, 3)) - 1).abs().max() < 1e-3
 
 
-def test_subset_is_class_balanced_and_fixed():
-    labels = torch.arange(1000) % 10
-    a = common.balanced_subset(labels, 200, 10, seed=0)
-    assert len(a) == 200 and torch.bincount(labels[a]).tolist() == [20] * 10
-    assert torch.equal(a, common.balanced_subset(labels, 200, 10, seed=0))
-    with pytest.raises(SystemExit):
-        common.balanced_subset(labels, 2000, 10, seed=0)
-
-
-def test_folder_of_odd_sizes_and_modes(tmp_path):
-    for split in ("train", "test"):
-        for cls in ("cat", "ant"):
-            (tmp_path / split / cls).mkdir(parents=True)
-        Image.new("L", (40, 20), 200).save(tmp_path / split / "ant" / "a.png")
-        Image.new("RGBA", (32, 32), (10, 20, 30, 128)).save(tmp_path / split / "ant" / "b.png")
-        Image.new("RGB", (64, 48), (250, 0, 0)).save(tmp_path / split / "cat" / "c.jpg")
-        Image.new("P", (31, 33)).save(tmp_path / split / "cat" / "d.bmp")
-        (tmp_path / split / "cat" / "notes.txt").write_text("not an image")
-    data = common.load_data(make_args("--dataset", "folder", "--data-dir", tmp_path), torch.device("cpu"))
-    assert data.train_x.shape == (4, 3, 32, 32) and data.train_x.dtype == torch.uint8
-    assert data.num_classes == 2 and data.train_y.tolist() == [0, 0, 1, 1]  # classes sorted: ant, cat
-    assert data.train_x[0].float().mean().item() == 200  # grayscale becomes equal RGB channels
-    assert data.train_x[2, 0].float().mean() > 200 and data.train_x[2, 1].float().mean() < 50
-
-
-def test_missing_folder_names_directory_and_fix(tmp_path):
-    with pytest.raises(SystemExit) as error:
-        common.load_data(make_args("--dataset", "folder", "--data-dir", tmp_path / "nowhere"), torch.device("cpu"))
-    assert "nowhere/train/<class>/" in str(error.value) and "shared" not in str(error.value)
-
-
-def test_missing_cifar_without_network_says_what_to_do(monkeypatch, tmp_path):
-    def offline(root, train, download):
-        raise RuntimeError("Dataset not found") if not download else OSError("no network")
-    monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
-    with pytest.raises(SystemExit) as error:
-        common.load_data(make_args("--data-dir", tmp_path), torch.device("cpu"))
-    message = str(error.value)
-    assert str(tmp_path) in message and "download=True" in message
-
-
-def test_cifar_files_that_fail_the_md5_check_are_named(tmp_path):
-    """A damaged or partial download is not 'missing': the line says which file is wrong and what to do."""
-    folder = tmp_path / "cifar-100-python"
-    folder.mkdir()
-    for name in ("train", "test", "meta"):
-        (folder / name).write_bytes(b"not the real file")
-    with pytest.raises(SystemExit) as error:
-        common.load_data(make_args("--data-dir", tmp_path), torch.device("cpu"))
-    assert str(error.value) == (f"error: {folder}/ is incomplete or damaged (damaged (fail torchvision's md5 check): "
-                                f"train, test, meta): a partial or broken download. Delete {folder}/ and download "
-                                "it again, or pass --data-dir DIR where a good copy is")
-    (folder / "test").unlink()
-    with pytest.raises(SystemExit, match=r"\(damaged \(fail torchvision's md5 check\): train, meta; missing: test\)"):
-        common.load_data(make_args("--data-dir", tmp_path), torch.device("cpu"))
-
-
 # ------------------------------------------- image folders: every file read or counted, none distorted
-
-def image_folder(root, files):
-    """Write {relative path: PIL image or text} under root; returns root."""
-    for relative, content in files.items():
-        path = root / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, str):
-            path.write_text(content)
-        else:
-            content.save(path)  # the format from the extension (.jfif and .jpe are JPEG)
-    return root
-
-
-def rgb(value):
-    return Image.new("RGB", (32, 32), (value, value, value))
-
-
-def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped(tmp_path):
-    ramp = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
-    Image.fromarray(ramp).save(tmp_path / "ramp.png")
-    Image.fromarray(np.full((32, 32), 30146, dtype=np.uint16)).save(tmp_path / "grey.png")  # 46 % grey
-    assert Image.open(tmp_path / "ramp.png").mode.startswith("I")
-    pixels = datasets.read_image(tmp_path / "ramp.png")
-    assert pixels.dtype == np.uint8 and pixels.shape == (32, 32, 3)
-    assert np.abs(pixels[..., 0].astype(float) - ramp / 257).max() <= 0.5  # was 0, 64, 128, 192, 255, 255, ...
-    assert (datasets.read_image(tmp_path / "grey.png") == 117).all()  # was 255: white
-
-
-def test_images_with_no_8_bit_reading_are_refused_by_name(tmp_path):
-    folder = image_folder(tmp_path, {"train/a/x.png": rgb(0), "test/a/y.png": rgb(0)})
-    Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)).save(folder / "train" / "a" / "float.tif")
-    with pytest.raises(SystemExit) as stop:
-        common.load_image_folder(folder)
-    assert str(folder / "train" / "a" / "float.tif") in str(stop.value) and "32-bit float" in str(stop.value)
-
-
-def test_every_file_under_a_class_folder_is_read_or_counted(tmp_path, capsys):
-    folder = image_folder(tmp_path, {
-        "train/cat/a.png": rgb(10), "train/cat/b.JFIF": rgb(20), "train/cat/c.jpe": rgb(30),
-        "train/cat/sub/deeper/d.png": rgb(40), "train/cat/notes.txt": "not an image",
-        "train/dog/e.png": rgb(50), "test/cat/f.png": rgb(60), "test/dog/g.png": rgb(70),
-        "train/.ipynb_checkpoints/h.png": rgb(80), "test/.ipynb_checkpoints/i.png": rgb(90),
-        "train/dog/.DS_Store": "finder", "train/README.md": "about"})
-    (train_x, train_y, test_x, test_y), num_classes = common.load_image_folder(folder)
-    assert num_classes == 2  # .ipynb_checkpoints is no class
-    assert train_y.tolist() == [0, 0, 0, 0, 1] and test_y.tolist() == [0, 1]  # sub-folders, .jfif and .jpe read
-    assert train_x[:, 0, 0, 0].tolist() == pytest.approx([10, 20, 30, 40, 50], abs=2)  # in sorted order, depth last
-    line = capsys.readouterr().out.strip()
-    assert "not read: 3 hidden entries, names starting with '.', ignored (e.g. train/.ipynb_checkpoints)" in line
-    assert "2 files that are not images by their extension (e.g. train/README.md)" in line
-
-
-def test_a_folder_is_listed_once_whichever_pipeline_reads_it(tmp_path, capsys):
-    """--pipeline auto lists the folder to choose the pipeline; the chosen one reads that listing."""
-    folder = image_folder(tmp_path, {"train/cat/a.png": rgb(10), "train/dog/b.png": rgb(20),
-                                     "test/cat/c.png": rgb(30), "test/dog/d.png": rgb(40),
-                                     "train/dog/.DS_Store": "finder"})
-    for pipeline in ("auto", "device", "stream"):
-        args = make_args("--dataset", "folder", "--data-dir", folder, "--pipeline", pipeline, "--workers", 0)
-        common.load_data(args, torch.device("cpu"))
-        lines = capsys.readouterr().out.strip().splitlines()
-        assert len(lines) == 1 and "not read: 1 hidden entries" in lines[0], (pipeline, lines)
-
-
-@pytest.mark.parametrize("missing", ["test/dog", "train/dog"])
-def test_a_class_without_training_or_test_images_is_named(missing, tmp_path):
-    files = {"train/cat/a.png": rgb(0), "train/dog/b.png": rgb(0), "test/cat/c.png": rgb(0), "test/dog/d.png": rgb(0)}
-    files = {k: v for k, v in files.items() if not k.startswith(missing)}
-    folder = image_folder(tmp_path, files)
-    (folder / missing).mkdir(parents=True, exist_ok=True)
-    (folder / missing / "notes.txt").write_text("no images here")
-    with pytest.raises(SystemExit) as stop:
-        common.load_image_folder(folder)
-    assert str(stop.value).startswith(f"error: {folder}/: no images in {missing}/; every class needs training and test")
 
 
 @pytest.mark.parametrize("flags, wanted", [
@@ -196,3 +63,53 @@ def test_a_flag_that_the_pipeline_would_ignore_is_refused(flags, wanted, tmp_pat
         common.load_data(make_args("--data-dir", folder, "--image-size", 32, "--workers", 0, *flags),
                          torch.device("cpu"))
     assert str(stop.value).startswith(f"error: {wanted}")
+
+
+def upsampled_data(image_size=64, same_image=False):
+    data = common.load_data(make_args(*TINY, "--image-size", image_size, "--store-size", 32), torch.device("cpu"))
+    if same_image:  # every sample one image: what differs in a batch is its own crop and flip
+        data.train_x = data.train_x[:1].expand_as(data.train_x).contiguous()
+    return data
+
+
+def test_every_sample_gets_its_own_crop_deterministic_in_seed_and_epoch():
+    data = upsampled_data(same_image=True)
+    assert (data.stored_size, data.image_size, data.augment) == (32, 64, "resized-crop")
+    x, y = next(data.train_batches(50, seed=0, epoch=0))
+    assert x.shape == (50, 3, 64, 64)
+    assert len({tuple(sample.flatten().tolist()) for sample in x}) == 50  # 50 crops, not one per batch
+    again = list(data.train_batches(50, seed=0, epoch=0))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(again, data.train_batches(50, seed=0, epoch=0)))
+    other = next(data.train_batches(50, seed=0, epoch=1))[0]
+    assert not torch.equal(other, again[0][0])
+    # Under torchrun each rank takes its part of each global batch: together, the single-process batch.
+    parts = [next(data.train_batches(50, seed=0, epoch=0, shard=(r, 3)))[0] for r in range(3)]
+    assert torch.equal(torch.cat(parts), again[0][0])
+
+
+def test_test_images_are_resized_whole():
+    data = upsampled_data()
+    x, y = next(data.test_batches(batch_size=10))
+    expected = data.normalize(F.interpolate(data.test_x[:10].float(), size=64, mode="bilinear"))
+    torch.testing.assert_close(x, expected)
+
+
+def test_bad_size_and_crop_flags_are_refused(monkeypatch, capsys):
+    script = common.main
+    cases = {("--image-size", 32, "--store-size", 64): "--store-size 64 is larger than the image size 32",
+             ("--image-size", 64, "--store-size", 32, "--augment", "pad-crop"):
+                 "--augment pad-crop crops at the size the images are kept at (32), not at --image-size 64",
+             ("--crop-scale", 0.5, 0.1): "--crop-scale 0.5 0.1: MIN is above MAX"}
+    for flags, message in cases.items():
+        assert message in refused(monkeypatch, capsys, script, "--model", "resnet8", *TINY, *flags)
+    with pytest.raises(SystemExit) as stop:
+        script(["--model", "resnet8", *map(str, TINY), "--crop-scale", "0", "1"])
+    assert stop.value.code == 2 and "--crop-scale: must be a number in (0, 1], not '0'" in capsys.readouterr().err
+
+
+def test_a_run_kept_at_32_and_trained_at_48(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    run(monkeypatch, common.main, "--model", "resnet8", *TINY, "--image-size", 48, "--store-size", 32,
+        "--epochs", 1, "--out-dir", "run")
+    assert "on the device, kept at 32px, resized-crop to 48px" in capsys.readouterr().out
+    assert (tmp_path / "run" / "model.pth").exists()

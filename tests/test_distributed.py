@@ -1,10 +1,12 @@
-"""torchrun / DistributedDataParallel on CPU (gloo, 2 processes): two ranks train as one process does, a
-checkpoint moves between world sizes, the shards are exactly the epoch, and under torchrun a stop or a
-refusal is rank 0's one line.
+"""torchrun (plumbing/distributed.py) on CPU, gloo, 2 ranks: they train as one process, stops are rank 0's line.
+
+torchrun / DistributedDataParallel on CPU (gloo, 2 processes): two ranks train as one process does, a
+checkpoint moves between world sizes, the shards are exactly the epoch, and under torchrun a stop or a refusal
+is rank 0's one line.
 
 One spawn of 2 worker processes (torch.multiprocessing, a file rendezvous) runs every 2-rank training case of
-this file; the single-process references run in the test process. The students have no BatchNorm (the
-tiny MLP-Mixer) and the teachers are frozen, so that 2 ranks and 1 process compute the same gradients."""
+this file; the single-process references run in the test process. The students have no BatchNorm (the tiny
+MLP-Mixer) and the teachers are frozen, so that 2 ranks and 1 process compute the same gradients."""
 import argparse
 import os
 import signal

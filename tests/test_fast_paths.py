@@ -1,11 +1,12 @@
-"""The fast paths on a CPU: the flags, bf16 autocast + channels_last against the fp32 run, the dtypes that
-must stay float32 under autocast, and `--compile` against eager (those tests are marked slow).
+"""The fast paths on a CPU: bf16 autocast + channels_last against fp32, float32 where needed, compile (slow).
 
-Every run here is the real loop (`common.fit`, `blockwise_kd.distill`, `sskd.distill`,
-`lfcc.distill`) on tiny synthetic data, compared through what it logs to metrics.jsonl."""
+The fast paths on a CPU: the flags, bf16 autocast + channels_last against the fp32 run, the dtypes that must
+stay float32 under autocast, and `--compile` against eager (those tests are marked slow).
+
+Every run here is the real loop (`common.fit`, `blockwise_kd.distill`, `sskd.distill`, `lfcc.distill`) on tiny
+synthetic data, compared through what it logs to metrics.jsonl."""
 import json
 import math
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import common
 import lfcc
 import models
 import sskd
+from collections import defaultdict
 from conftest import data_slice, frozen, make_args, tiny_model
 
 CPU = torch.device("cpu")
@@ -362,6 +364,7 @@ def test_losses_are_float32_under_autocast_by_hand():
 
 # ------------------------------------------------------------------------------------------- compile
 
+@pytest.mark.slow
 def test_compiled_step_sees_every_progress_value():
     """The --compile bug: Block-KD's warm-up min(1.0, progress / r) was frozen at the second step's value
     inside the compiled step (ramp 0.54 / 0.6 logged instead of 0.86 / 1). The compiled step must return

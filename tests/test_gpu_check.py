@@ -1,6 +1,7 @@
-"""benchmarks/gpu_check.py on the CPU: its table for one pair's methods (a subprocess, one thread), the
-budget's skips and cut, one failing config among others, and (marked slow) its torchrun, 2-epoch and
-compile parts."""
+"""benchmarks/gpu_check.py on the CPU: its table, its time budget, a failing config among others.
+
+benchmarks/gpu_check.py on the CPU: its table for one pair's methods (a subprocess, one thread), the budget's
+skips and cut, one failing config among others, and (marked slow) its torchrun, 2-epoch and compile parts."""
 import json
 import math
 import os

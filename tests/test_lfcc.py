@@ -1,14 +1,17 @@
+"""LFCC (lfcc.py): the low-pass filter, InfoNCE, the projectors, --per-scale and --reduce-channels, runs."""
 import json
 import math
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+import blockwise_kd as bkd
 import common
 import lfcc
 import models
-from conftest import changed_keys, frozen, make_args, snapshot, tiny_model, train_steps
+from conftest import changed_keys, frozen, make_args, method_run, snapshot, tiny_model, train_steps
 
 
 def lfcc_args(*argv):
@@ -265,3 +268,174 @@ def test_cnn_to_token_student_learns_and_aligns(tmp_path, small_data, trained_te
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     space = lfcc.make_compact_space(student, trained_teacher, args.stages, lfcc.make_filter(args), args.proj_dim)
     assert set(checkpoint["train_modules"][1]) == set(space.state_dict())
+
+
+def test_lfcc_script(finished_runs, workdir):
+    summary, weights, teacher = method_run(finished_runs, workdir, "lfcc")
+    assert summary["epochs"] == 1
+    method = summary["lfcc"]
+    assert (method["teacher"], method["student"], method["stages"]) == ("resnet8", "resnet8", [1, 2, 3])
+    assert method["projector_params"] > 0
+    assert {"ce", "kd", "lfcc", "test_rank_acc_s1", "test_rank_acc_s3"} <= set(summary["last_epoch"])
+    assert not torch.equal(weights["conv1.weight"], teacher["conv1.weight"])
+
+
+def test_ce_kd_control_is_the_same_loss_and_gradient_in_blockkd_and_lfcc(synthetic_data):
+    torch.manual_seed(0)
+    teacher = frozen(models.create_model("resnet8", 10))
+    student = models.create_model("resnet8", 10)
+    x, y = next(synthetic_data.train_batches(16, seed=0, epoch=0))
+
+    bkd_args = make_args("--stones", "none", "--gamma", 0, method_args=bkd.add_args)
+    stones = bkd.SteppingStones(teacher, student, [])
+    bkd_loss, _ = bkd.make_loss_fn(student, teacher, stones, bkd_args, ramp_epochs=0.0, label_smoothing=0.0)(x, y, 0.0)
+    bkd_loss.backward()
+    bkd_grads = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad(set_to_none=True)
+
+    lfcc_args = make_args("--beta", 0, method_args=lfcc.add_args)
+    low_pass = lfcc.make_filter(lfcc_args)
+    space = lfcc.CompactSpace(lfcc.filtered_sizes(student, [1, 2, 3], low_pass),
+                              lfcc.filtered_sizes(teacher, [1, 2, 3], low_pass), lfcc_args.proj_dim)
+    recipe = common.make_recipe(lfcc_args, "cnn")
+    lfcc_loss, terms = lfcc.make_loss_fn(lfcc_args, recipe, student, teacher, space, low_pass)(x, y, 0.0)
+    lfcc_loss.backward()
+
+    assert terms["lfcc"] > 1  # the contrastive term is computed, only weighted by 0
+    assert torch.equal(lfcc_loss, bkd_loss)
+    assert all(torch.equal(p.grad, g) for p, g in zip(student.parameters(), bkd_grads))
+
+
+def pair():
+    torch.manual_seed(0)
+    return frozen(models.create_model("resnet8", 10)), models.create_model("resnet8", 10)
+
+
+def test_per_scale_filter_gives_one_vector_per_scale_and_sizes_in_stage_major_order():
+    feature_map = torch.randn(2, 5, 8, 8)
+    parts = lfcc.low_pass_per_scale(feature_map, [1, 2, 4])
+    assert [p.shape for p in parts] == [(2, 5), (2, 20), (2, 80)]
+    # Together they are exactly the default filter's concatenated vector.
+    assert torch.equal(torch.cat(parts, 1), lfcc.multiscale_low_pass(feature_map, [1, 2, 4]))
+    teacher, _ = pair()
+    args = make_args("--per-scale", method_args=lfcc.add_args)
+    widths = [c for c, *_ in models.feature_shapes(teacher)]  # resnet8: 16, 32, 64
+    assert lfcc.filtered_sizes(teacher, [1, 3], lfcc.make_filter(args)) == [
+        widths[0] * 1, widths[0] * 4, widths[0] * 16, widths[2] * 1, widths[2] * 4, widths[2] * 16]
+
+
+def test_stage_loss_is_the_mean_of_the_per_scale_info_nce():
+    teacher, student = pair()
+    args = make_args("--per-scale", "--stages", 2, 3, method_args=lfcc.add_args)
+    low_pass = lfcc.make_filter(args)
+    space = lfcc.make_compact_space(student, teacher, args.stages, low_pass, 16)
+    assert len(space.student) == len(space.teacher) == 2 * 3  # two stages x three scales
+    x = torch.randn(6, 3, 32, 32)
+    _, _, per_stage = lfcc.stage_alignment(x, student, teacher, space, low_pass, stages=args.stages)
+
+    student_features, _ = models.stage_features(student, x)
+    teacher_features, _ = models.stage_features(teacher, x)
+    for index, k in enumerate(args.stages):
+        def pooled(features, s):
+            return F.adaptive_avg_pool2d(features[k - 1], s).flatten(1)
+        by_scale = [lfcc.info_nce(*space(index, pooled(student_features, s), pooled(teacher_features, s), part=j), 0.1)
+                    for j, s in enumerate([1, 2, 4])]
+        loss, rank_acc = per_stage[index]
+        torch.testing.assert_close(loss, torch.stack([l for l, _ in by_scale]).mean())
+        torch.testing.assert_close(rank_acc, torch.stack([a for _, a in by_scale]).mean())
+    # Every projector of every scale receives gradient from the averaged loss.
+    torch.stack([loss for loss, _ in per_stage]).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in space.parameters())
+
+
+def test_one_scale_per_scale_is_the_default_bit_for_bit():
+    teacher, student = pair()
+    x = torch.randn(6, 3, 32, 32)
+    losses = []
+    for flags in ([], ["--per-scale"]):
+        args = make_args("--scales", 2, *flags, method_args=lfcc.add_args)
+        low_pass = lfcc.make_filter(args)
+        torch.manual_seed(1)
+        space = lfcc.make_compact_space(student, teacher, args.stages, low_pass, 16)
+        losses.append([loss for loss, _ in lfcc.stage_alignment(x, student, teacher, space, low_pass)[2]])
+    assert all(torch.equal(a, b) for a, b in zip(*losses))
+
+
+def test_per_scale_with_no_lowpass_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        lfcc.main(["--dataset", "synthetic", "--per-scale", "--no-lowpass"])
+    assert "--per-scale aligns the scales of the low-pass filter one by one" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("height, width", [(16, 16), (5, 5), (7, 3), (2, 2), (1, 1)])  # windows that overlap;
+def test_the_reduction_commutes_with_the_low_pass_filter(height, width):                 # grids finer than the map
+    torch.manual_seed(0)
+    reduce = lfcc.ChannelReduction(12, 5)
+    feature_map = torch.randn(3, 12, height, width)
+    reduced_then_filtered = lfcc.multiscale_low_pass(reduce(feature_map), [1, 2, 4])
+    # The same conv applied to each s x s grid of the unreduced map's low-pass pyramid.
+    filtered_then_reduced = torch.cat([reduce(F.adaptive_avg_pool2d(feature_map, s)).flatten(1) for s in (1, 2, 4)], 1)
+    torch.testing.assert_close(reduced_then_filtered, filtered_then_reduced, rtol=0, atol=1e-5)
+    assert reduced_then_filtered.shape == (3, 5 * 21)
+
+
+def test_only_stages_wider_than_r_are_reduced_and_the_projectors_shrink_to_21_r_inputs():
+    teacher, student = pair()
+    low_pass = lfcc.make_filter(make_args(method_args=lfcc.add_args))
+    space = lfcc.make_compact_space(student, teacher, [1, 2, 3], low_pass, 128, reduce_channels=32)
+    # 16 channels pass unchanged; 32 is not wider than 32; 64 -> 32.
+    kinds = [type(r).__name__ for r in space.teacher_reduce]
+    assert kinds == [type(r).__name__ for r in space.student_reduce] == ["Identity", "Identity", "ChannelReduction"]
+    assert space.teacher_reduce[2].conv.weight.shape == (32, 64, 1, 1)
+    assert [p.in_features for p in space.teacher] == [16 * 21, 32 * 21, 32 * 21]
+    # Exact count: 6 projectors Linear(21*C -> 128) plus two 64 -> 32 convolutions without bias.
+    expected = 2 * sum(21 * c * 128 + 128 for c in (16, 32, 32)) + 2 * 64 * 32
+    assert common.count_params(space) == expected == 434_944
+
+
+def test_narrow_pairs_get_the_space_they_had_before_the_flag_bit_for_bit():
+    teacher, student = pair()
+    low_pass = lfcc.make_filter(make_args(method_args=lfcc.add_args))
+    torch.manual_seed(1)
+    default = lfcc.make_compact_space(student, teacher, [1, 2, 3], low_pass, 16)  # R = 256 > 64 channels
+    after_default = torch.rand(3)
+    torch.manual_seed(1)  # the space as it was built before --reduce-channels existed
+    before = lfcc.CompactSpace(lfcc.filtered_sizes(student, [1, 2, 3], low_pass),
+                               lfcc.filtered_sizes(teacher, [1, 2, 3], low_pass), 16)
+    assert torch.equal(torch.rand(3), after_default)  # the Identity stages drew no random numbers
+    assert default.state_dict().keys() == before.state_dict().keys()  # old checkpoints still load
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), before.state_dict().values()))
+    x = torch.randn(4, 3, 32, 32)
+    losses = [lfcc.stage_alignment(x, student, teacher, space, low_pass)[2] for space in (default, before)]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(*losses))
+
+
+def test_both_reductions_learn_from_the_alignment_while_the_teacher_gets_no_gradient():
+    teacher, student = pair()
+    low_pass = lfcc.make_filter(make_args(method_args=lfcc.add_args))
+    space = lfcc.make_compact_space(student, teacher, [2, 3], low_pass, 16, reduce_channels=8)
+    _, _, per_stage = lfcc.stage_alignment(torch.randn(6, 3, 32, 32), student, teacher, space, low_pass,
+                                           stages=[2, 3])
+    torch.stack([loss for loss, _ in per_stage]).mean().backward()
+    for reduce in [*space.student_reduce, *space.teacher_reduce]:
+        assert reduce.conv.weight.grad is not None and reduce.conv.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    assert next(student.parameters()).grad.abs().sum() > 0  # the student's stem, through the reduction
+
+
+def test_the_reduction_runs_in_float32_under_bf16_autocast():
+    reduce = lfcc.ChannelReduction(8, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = reduce(torch.randn(2, 8, 4, 4, dtype=torch.bfloat16))
+    assert out.dtype == torch.float32
+
+
+def test_a_wide_teacher_gets_a_small_space():
+    # vgg13's stages have 128, 256 and 512 channels; only the 512 is reduced at the default R = 256.
+    teacher, student = frozen(models.create_model("vgg13", 100)), models.create_model("MobileNetV2", 100)
+    low_pass = lfcc.make_filter(make_args(method_args=lfcc.add_args))
+    sizes = {r: common.count_params(lfcc.make_compact_space(student, teacher, [1, 2, 3], low_pass, 128, r))
+             for r in (0, 256, 64)}
+    assert sizes == {0: 2_613_504, 256: 2_056_448, 64: 778_496}  # as in the README's table of the 13 pairs
+    kinds = [type(r).__name__ for r in lfcc.channel_reductions(teacher, [1, 2, 3], 256)]
+    assert kinds == ["Identity", "Identity", "ChannelReduction"]

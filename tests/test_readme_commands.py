@@ -18,7 +18,6 @@ environment variable (the default of --master-port), not the command.
 """
 import os
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -29,8 +28,9 @@ from pathlib import Path
 import pytest
 
 import readme_standins as standins
-from conftest import ROOT
+import shlex
 from models import FIXED_224
+from conftest import ROOT
 
 pytestmark = pytest.mark.slow  # ~35 processes, each importing torch: CI runs it beside the default suite
 

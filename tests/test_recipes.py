@@ -1,5 +1,7 @@
-"""The recipe table's rows (--recipe): chosen by the data, each entry a flag, the epochs resolved and
-recorded so that a resume compares them."""
+"""The recipes (common.RECIPES, make_recipe, learning_rate): rows by the data, schedules, milestones, warm-up.
+
+The recipe table's rows (--recipe): chosen by the data, each entry a flag, the epochs resolved and recorded so
+that a resume compares them."""
 import json
 
 import pytest
@@ -56,3 +58,34 @@ def test_a_rows_warm_up_scales_with_the_epochs():
     assert common.make_recipe(make_args(*ofa, "--epochs", 30), "token")["warmup_epochs"] == pytest.approx(2)
     assert common.make_recipe(make_args(*ofa), "token", epochs=15)["warmup_epochs"] == pytest.approx(1)  # a teacher
     assert common.make_recipe(make_args(*ofa, "--epochs", 30, "--warmup-epochs", 5), "token")["warmup_epochs"] == 5
+
+
+def test_schedules():
+    args = make_args()
+    cnn = common.make_recipe(args, "cnn")
+    assert cnn["milestones"] == [150, 180, 210] and cnn["batch_size"] == 64
+    assert [common.learning_rate(cnn, e) for e in (0, 149.9, 150, 180, 210)] == pytest.approx([0.05, 0.05, 5e-3, 5e-4, 5e-5])
+    token = common.make_recipe(make_args("--epochs", 20), "token")
+    assert token["optimizer"] == "adamw" and token["warmup_epochs"] == 2
+    assert common.learning_rate(token, 1) == pytest.approx(0.5e-3, rel=1e-2)
+    assert common.learning_rate(token, 2) == pytest.approx(1e-3) and common.learning_rate(token, 20) == pytest.approx(0)
+    assert common.make_recipe(make_args("--lr", 0.1, "--milestones", 5, 7), "cnn")["milestones"] == [5, 7]
+
+
+def test_short_run_milestones_are_distinct_so_no_epoch_decays_twice():
+    assert common.make_recipe(make_args(), "cnn", epochs=20)["milestones"] == [12, 15, 18]
+    five = common.make_recipe(make_args(), "cnn", epochs=5)
+    assert five["milestones"] == [3, 4]  # 3.125, 3.75, 4.375 round to 3, 4, 4
+    assert [common.learning_rate(five, e + 0.5) for e in range(5)] == pytest.approx([0.05, 0.05, 0.05, 5e-3, 5e-4])
+
+
+def test_no_milestone_at_epoch_0_so_a_short_run_uses_its_peak_lr():
+    one = common.make_recipe(make_args("--dataset", "imagenet"), "cnn", epochs=1)  # 0.3, 0.6, 0.9 round to 0, 1, 1
+    assert one["milestones"] == [1] and common.learning_rate(one, 0.5) == 0.2
+
+
+def test_benchmark_lr_for_mobilenet_and_shufflenets_and_the_flag_overrides_it():
+    for name in ("MobileNetV2", "ShuffleV1", "ShuffleV2"):
+        assert common.make_recipe(make_args(), "cnn", model_name=name)["lr"] == 0.01
+        assert common.make_recipe(make_args("--lr", 0.05), "cnn", model_name=name)["lr"] == 0.05
+    assert common.make_recipe(make_args(), "cnn", model_name="vgg8")["lr"] == 0.05

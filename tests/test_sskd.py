@@ -1,3 +1,4 @@
+"""SSKD (sskd.py): adapters, the stage loss, each phase training only its part, resume across phases, runs."""
 import json
 
 import pytest
@@ -7,8 +8,8 @@ import torch.nn.functional as F
 
 import common
 import sskd
-from conftest import changed_keys, data_slice, frozen, make_args, snapshot, tiny_model
 from models import create_model, feature_shapes, stage_features
+from conftest import changed_keys, data_slice, frozen, make_args, method_run, snapshot, tiny_model
 
 
 def sskd_args(out_dir, *extra):
@@ -240,3 +241,14 @@ def test_joint_and_finetune_all_ablations_train_what_they_say(sskd_data, tmp_pat
     backbone = sum(len(list(stage.parameters())) for stage in student.stages())
     assert optimized("joint") == backbone  # identity adapters: nothing else to train
     assert optimized("head") == len(list(student.parameters()))
+
+
+def test_sskd_script(finished_runs, workdir):
+    summary, weights, teacher = method_run(finished_runs, workdir, "sskd")  # --epochs 1: 1 epoch per phase
+    out_dir = finished_runs["sskd"][0]
+    assert {name: phase["epochs"] for name, phase in summary["phases"].items()} == \
+        {"stage1": 1, "stage2": 1, "stage3": 1, "head": 1}
+    assert summary["epochs"] == 4 and (out_dir / "head" / "summary.json").exists()
+    assert set(summary["stage_feat_mse"]) == {"stage1", "stage2", "stage3"}
+    assert all(isinstance(v, float) and v >= 0 for v in summary["stage_feat_mse"].values())
+    assert not torch.equal(weights["conv1.weight"], teacher["conv1.weight"])

@@ -1,6 +1,8 @@
-"""Any input size and any number of stages: the data is made and augmented at --image-size, every method
-probes its shapes at the run's size, and every method takes the stage count from the models (a 4-stage
-stand-in pair here), with a pair of different counts refused."""
+"""Any input size and any number of stages: data, methods and pairs at the run's size and stage count.
+
+Any input size and any number of stages: the data is made and augmented at --image-size, every method probes
+its shapes at the run's size, and every method takes the stage count from the models (a 4-stage stand-in pair
+here), with a pair of different counts refused."""
 import argparse
 
 import pytest
@@ -9,12 +11,12 @@ import torch.nn as nn
 
 import blockwise_kd as bkd
 import common
-from plumbing import datasets
 import lfcc
 import models
 import sskd
-from conftest import frozen, make_args, tiny_model
 from models.resnet import BasicBlock
+from plumbing import datasets
+from conftest import frozen, make_args, tiny_model
 
 
 class FourStageNet(nn.Module):

@@ -1,32 +1,26 @@
-"""The streamed image-folder pipeline (--dataset imagenet, --pipeline stream) on a generated folder of JPEGs
-of several sizes and aspect ratios in ImageNet's layout: batches that depend only on (seed, epoch) and the
-rank, not on the number of worker processes; rank shards that are disjoint and cover the epoch; the
-evaluation images equal to torchvision's Resize(256) + CenterCrop(224); crop boxes within each image; bad
-files named before training; each method on an ImageNet pair; an exact resume after a kill mid-epoch."""
+"""The streamed pipeline (plumbing/streaming.py): batches independent of the workers, one decoding, failing files.
+
+The streamed image-folder pipeline (--dataset imagenet, --pipeline stream) on a generated folder of JPEGs of
+several sizes and aspect ratios in ImageNet's layout: batches that depend only on (seed, epoch) and the rank,
+not on the number of worker processes; rank shards that are disjoint and cover the epoch; the evaluation
+images equal to torchvision's Resize(256) + CenterCrop(224); crop boxes within each image; bad files named
+before training; each method on an ImageNet pair; an exact resume after a kill mid-epoch."""
 import json
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image
 
 import blockwise_kd
 import common
-from plumbing import streaming
 import lfcc
 import sskd
-from conftest import make_args, make_imagenet_folder, refused, run
-from models import create_model
+from plumbing import streaming
+from conftest import IMAGENET_CLASSES, make_args, make_imagenet_folder, refused, run
 
-CLASSES = ["n01440764", "n01443537", "n01484850"]
-
-
-@pytest.fixture(scope="module")
-def imagenet_folder(tmp_path_factory):
-    """24 training and 9 validation JPEGs of 3 classes (conftest.make_imagenet_folder)."""
-    return make_imagenet_folder(tmp_path_factory.mktemp("imagenet"), 8, 3, CLASSES)
+CLASSES = IMAGENET_CLASSES
 
 
 def streamed(folder, *flags):
@@ -72,18 +66,6 @@ def test_evaluation_images_equal_torchvisions_resize_and_center_crop(imagenet_fo
         assert torch.equal(image, expected) and CLASSES[label] == path.parent.name
 
 
-def test_resized_crop_boxes_take_each_images_own_size():
-    heights, widths = torch.tensor([40, 300, 100]).repeat(2000), torch.tensor([300, 40, 100]).repeat(2000)
-    boxes = common.resized_crop_boxes(6000, heights, widths, (0.08, 1.0), (3 / 4, 4 / 3),
-                                      torch.Generator().manual_seed(0))
-    top, left, h, w = boxes.T
-    assert (top >= 0).all() and (left >= 0).all() and (top + h <= heights).all() and (left + w <= widths).all()
-    single = common.resized_crop_boxes(2000, 100, 100, (0.08, 1.0), (3 / 4, 4 / 3),
-                                       torch.Generator().manual_seed(0))
-    square = boxes[2::3]
-    assert abs(square[:, 2:].float().mean() - single[:, 2:].float().mean()) < 2  # the same law
-
-
 def test_bad_files_and_layouts_are_named_before_training(imagenet_folder, tmp_path, monkeypatch, capsys):
     import shutil
     broken = tmp_path / "broken"
@@ -108,31 +90,6 @@ def test_a_file_that_fails_to_decode_in_training_is_named(imagenet_folder, tmp_p
     data = streamed(truncated, "--workers", 0)
     with pytest.raises(streaming.UnreadableFile, match=f"{victim} \\(cannot be decoded"):
         list(data.train_batches(8, seed=0, epoch=0))
-
-
-def test_a_streamed_run_killed_mid_epoch_resumes_exactly(imagenet_folder, tmp_path):
-    def setup(out, *extra):
-        args = make_args("--dataset", "imagenet", "--data-dir", imagenet_folder, "--image-size", 64, "--epochs", 2,
-                         "--batch-size", 8, "--out-dir", out, *extra)
-        torch.manual_seed(0)
-        return args, create_model("resnet8", 3), common.load_data(args, torch.device("cpu"))
-
-    args, model, data = setup(tmp_path / "full", "--workers", 0)
-    common.fit(model, data, tmp_path / "full", common.make_recipe(args, "cnn"), **common.run_options(args))
-    args, killed, data = setup(tmp_path / "killed", "--workers", 2)
-
-    def dies_in_epoch_2(x, y, progress):
-        if progress >= 1.3:
-            raise KeyboardInterrupt
-        return F.cross_entropy(killed(x), y), {}
-    with pytest.raises(KeyboardInterrupt):
-        common.fit(killed, data, tmp_path / "killed", common.make_recipe(args, "cnn"), loss_fn=dies_in_epoch_2,
-                   **common.run_options(args))
-    args, resumed, data = setup(tmp_path / "killed", "--workers", 1, "--resume")
-    common.fit(resumed, data, tmp_path / "killed", common.make_recipe(args, "cnn"), **common.run_options(args))
-    a = torch.load(tmp_path / "full" / "model.pth", weights_only=True)["model"]
-    b = torch.load(tmp_path / "killed" / "model.pth", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_each_method_runs_an_imagenet_pair_on_the_streamed_folder(imagenet_folder, tmp_path, monkeypatch):

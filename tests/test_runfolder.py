@@ -1,24 +1,23 @@
-"""Faults a new user meets, each of which once went wrong: a run never adopts another run's files (after an
---overwrite, without run.json, from another script or teacher), and damaged run folders, full disks,
-read-only files, SIGTERM and NaN end in one line with nothing lost. (Image folders: test_data.py.)
-
-The scripts run in-process as from the command line (conftest.run), on tiny synthetic data, or on copies of
-the finished runs of conftest.finished_runs."""
+"""Run folders (plumbing/runfolder.py, identity.py, files.py): nothing adopted or lost, exact resumes, atomic writes."""
+import argparse
 import errno
+import fcntl
 import json
 import os
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import blockwise_kd as bkd
 import common
 import sskd
-from plumbing import files, progress, runfolder
-from conftest import METHOD_RUN, TEACHER_FILE, TINY, files_in, make_args, read_summary, refused, replace_everywhere, run
+from models import create_model
+from plumbing import files, runfolder
+from conftest import (METHOD_RUN, TEACHER_FILE, TINY, common_run, files_in, make_args, make_parser, read_summary,
+                      refused, replace_everywhere, run, short_fit_args)
 
 
 class Killed(BaseException):
@@ -37,11 +36,35 @@ def copy_of(finished_runs, script, tmp_path):
     return destination
 
 
-def common_run(monkeypatch, out, *extra):
+def train_once(monkeypatch, out, *extra):
     run(monkeypatch, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--out-dir", out, *extra)
+    return files_in(out)
 
 
-# ---------------------------------------------------------------- a run adopts another run's files
+def test_commands_that_train_differently_get_different_default_folders():
+    parser = make_parser(bkd.add_args)
+    data = argparse.Namespace(fingerprint="0123456789abcdef")
+
+    def folder(*argv):
+        return common.default_out_dir(parser.parse_args(list(map(str, argv))), parser, "blockwise_kd", data)
+
+    blockkd = folder()
+    kd_baseline = folder("--stones", "none", "--gamma", 0, "--alpha", 0.1, "--beta", 0.9)
+    assert blockkd == "runs/blockwise_kd_cifar100_seed0"
+    assert kd_baseline == "runs/blockwise_kd_cifar100_seed0_alpha0.1_beta0.9_gamma0.0_stones-none"
+    assert folder("--epochs", 20) != blockkd and folder("--no-detach-ensemble") != blockkd
+    # Flags that do not change what is learned do not change the folder.
+    assert folder("--log-every", 5, "--data-dir", "elsewhere", "--eval-every", 2, "--amp", "bf16") == blockkd
+
+
+def test_a_fresh_run_over_an_existing_one_is_refused_and_nothing_is_lost(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    before = train_once(monkeypatch, out)
+    message = refused(monkeypatch, capsys, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--out-dir", out)
+    assert "already holds a run" in message and "--resume" in message
+    assert files_in(out) == before
+    train_once(monkeypatch, out, "--overwrite")  # an explicit --overwrite starts afresh
+
 
 def test_overwrite_empties_the_folder_so_a_killed_overwrite_leaves_nothing_to_adopt(workdir, finished_runs, tmp_path,
                                                                                    monkeypatch, capsys):
@@ -67,6 +90,112 @@ def test_overwrite_empties_the_folder_so_a_killed_overwrite_leaves_nothing_to_ad
     assert (flags["alpha"], flags["gamma"]) == (0.5, 0.0) and not (out / "stage1").exists()
 
 
+def test_overwrite_refuses_a_folder_that_holds_no_run(tmp_path, monkeypatch, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    message = refused(monkeypatch, capsys, common.main, "--model", "resnet8", *TINY, "--out-dir", tmp_path,
+                      "--overwrite")
+    assert "holds no run" in message and "notes.txt" in message and "nothing was removed" in message
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("script", ["common", "sskd"])
+def test_a_run_that_failed_at_its_first_step_does_not_block_the_same_command(script, workdir, tmp_path, monkeypatch,
+                                                                            capsys):
+    """A crash before the first epoch ended (an out-of-memory error, a bad flag found late) leaves run.json, the
+    log and, for SSKD, a phase folder: no result. The same command, as written, then runs."""
+    monkeypatch.chdir(workdir)
+    out = tmp_path / "run"
+    main, argv = {"common": (common.main, ["--model", "resnet8", *TINY, "--epochs", 1]),
+                  "sskd": (sskd.main, METHOD_RUN)}[script]
+    learning_rate = common.learning_rate
+
+    def out_of_memory(recipe, progress):
+        raise RuntimeError("CUDA out of memory")
+    monkeypatch.setattr(common, "learning_rate", out_of_memory)
+    with pytest.raises(RuntimeError):
+        run(monkeypatch, main, *argv, "--out-dir", out)
+    assert not list(runfolder.run_results(out))
+    monkeypatch.setattr(common, "learning_rate", learning_rate)
+    run(monkeypatch, main, *argv, "--out-dir", out)
+    assert (out / "model.pth").exists() and "CUDA out of memory" not in (out / "log.txt").read_text()
+
+
+def test_resume_equals_uninterrupted(tmp_path, synthetic_data):
+    args, model = short_fit_args(tmp_path / "full")
+    common.fit(model, synthetic_data, tmp_path / "full", common.make_recipe(args, "cnn"), **common.run_options(args))
+
+    args, killed = short_fit_args(tmp_path / "killed")
+    def dies_in_epoch_2(x, y, progress):
+        if progress >= 1:
+            raise KeyboardInterrupt
+        return F.cross_entropy(killed(x), y), {}
+    with pytest.raises(KeyboardInterrupt):
+        common.fit(killed, synthetic_data, tmp_path / "killed", common.make_recipe(args, "cnn"), loss_fn=dies_in_epoch_2,
+                   **common.run_options(args))
+    args, resumed = short_fit_args(tmp_path / "killed", "--resume")
+    common.fit(resumed, synthetic_data, tmp_path / "killed", common.make_recipe(args, "cnn"), **common.run_options(args))
+
+    a = torch.load(tmp_path / "full" / "model.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "killed" / "model.pth", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len((tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_streamed_run_killed_mid_epoch_resumes_exactly(imagenet_folder, tmp_path):
+    def setup(out, *extra):
+        args = make_args("--dataset", "imagenet", "--data-dir", imagenet_folder, "--image-size", 64, "--epochs", 2,
+                         "--batch-size", 8, "--out-dir", out, *extra)
+        torch.manual_seed(0)
+        return args, create_model("resnet8", 3), common.load_data(args, torch.device("cpu"))
+
+    args, model, data = setup(tmp_path / "full", "--workers", 0)
+    common.fit(model, data, tmp_path / "full", common.make_recipe(args, "cnn"), **common.run_options(args))
+    args, killed, data = setup(tmp_path / "killed", "--workers", 2)
+
+    def dies_in_epoch_2(x, y, progress):
+        if progress >= 1.3:
+            raise KeyboardInterrupt
+        return F.cross_entropy(killed(x), y), {}
+    with pytest.raises(KeyboardInterrupt):
+        common.fit(killed, data, tmp_path / "killed", common.make_recipe(args, "cnn"), loss_fn=dies_in_epoch_2,
+                   **common.run_options(args))
+    args, resumed, data = setup(tmp_path / "killed", "--workers", 1, "--resume")
+    common.fit(resumed, data, tmp_path / "killed", common.make_recipe(args, "cnn"), **common.run_options(args))
+    a = torch.load(tmp_path / "full" / "model.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "killed" / "model.pth", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_another_training_flag_is_refused_naming_each_flag(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    before = train_once(monkeypatch, out)
+    message = refused(monkeypatch, capsys, common.main, "--model", "resnet20", *TINY, "--epochs", 2, "--lr", 0.1,
+                      "--out-dir", out, "--resume")
+    assert "--epochs 2 (the run has 1)" in message and "--model resnet20 (the run has resnet8)" in message
+    assert "--lr 0.1 (the run has None)" in message
+    assert files_in(out) == before
+    # Flags that do not change the result may differ.
+    run(monkeypatch, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--out-dir", out, "--resume",
+        "--log-every", 5, "--eval-every", 3)
+    assert "resumed" in capsys.readouterr().out
+
+
+def test_a_run_recorded_without_a_flag_is_refused_naming_it(tmp_path, monkeypatch, capsys):
+    """A run from before a flag existed is one whose flags differ: refused, with the flag named."""
+    out = tmp_path / "run"
+    before = train_once(monkeypatch, out)
+    record = json.loads((out / "run.json").read_text())
+    del record["config"]["label_smoothing"]  # as if --label-smoothing had been added after the run started
+    (out / "run.json").write_text(json.dumps(record))
+    before = files_in(out)
+    message = refused(monkeypatch, capsys, common.main, "--model", "resnet8", *TINY, "--epochs", 1,
+                      "--out-dir", out, "--resume")
+    assert message.endswith("with other training flags: --label-smoothing None (the run has no record of it); "
+                            "nothing was changed. Resume with the run's flags, start afresh with --overwrite, or "
+                            "choose another --out-dir")
+    assert files_in(out) == before
+
+
 @pytest.mark.parametrize("script, flag, value, saved", [("blockwise_kd", "--alpha", 0.5, "1.0"),
                                                       ("sskd", "--feat-weight", 1, "10.0")])
 def test_without_run_json_the_checkpoints_still_refuse_another_run(script, flag, value, saved, workdir,
@@ -85,6 +214,21 @@ def test_without_run_json_the_checkpoints_still_refuse_another_run(script, flag,
     run(monkeypatch, main, *METHOD_RUN, "--out-dir", out, "--resume")  # the run's own flags resume it
     assert "(finished: no epoch left to train)" in capsys.readouterr().out
     assert json.loads((out / "run.json").read_text())["script"] == script  # recorded again
+
+
+def test_a_checkpoint_of_another_training_run_is_not_resumed(tmp_path):
+    """The teacher case: a killed run of one length is not continued at another (fit checks the recipe)."""
+    args = argparse.Namespace(seed=0, resume=True, log_every=30, eval_every=1, amp=None, channels_last=None,
+                              compile=None)
+    data = common.load_data(argparse.Namespace(dataset="synthetic", train_subset=100), torch.device("cpu"))
+    model = common.build_model("resnet8", 10, torch.device("cpu"))
+    recipe = common.make_recipe(args, "cnn", epochs=1, use_overrides=False)
+    common.fit(model, data, tmp_path, recipe, seed=0, resume=True)
+    before = files_in(tmp_path)
+    with pytest.raises(SystemExit, match=r"from another training run \(the recipe's epochs 2 \(the checkpoint has 1\)"):
+        common.fit(model, data, tmp_path, common.make_recipe(args, "cnn", epochs=2, use_overrides=False), seed=0,
+                   resume=True)
+    assert files_in(tmp_path) == before
 
 
 def test_a_checkpoint_made_with_another_teacher_is_not_resumed(workdir, finished_runs, tmp_path, monkeypatch, capsys):
@@ -111,41 +255,11 @@ def test_resuming_a_run_of_another_script_says_so(finished_runs, tmp_path, monke
     assert files_in(out) == before
 
 
-def test_overwrite_refuses_a_folder_that_holds_no_run(tmp_path, monkeypatch, capsys):
-    (tmp_path / "notes.txt").write_text("mine")
-    message = refused(monkeypatch, capsys, common.main, "--model", "resnet8", *TINY, "--out-dir", tmp_path,
-                      "--overwrite")
-    assert "holds no run" in message and "notes.txt" in message and "nothing was removed" in message
-    assert (tmp_path / "notes.txt").read_text() == "mine"
-
-
 def test_resume_in_a_folder_with_files_of_no_run_starts_the_run(tmp_path, monkeypatch, capsys):
     """The mini-benchmark writes its output.txt into a run folder before the run starts with --resume."""
     (tmp_path / "output.txt").write_text("")
     common_run(monkeypatch, tmp_path, "--resume")
     assert (tmp_path / "model.pth").exists() and (tmp_path / "output.txt").exists()
-
-
-@pytest.mark.parametrize("script", ["common", "sskd"])
-def test_a_run_that_failed_at_its_first_step_does_not_block_the_same_command(script, workdir, tmp_path, monkeypatch,
-                                                                            capsys):
-    """A crash before the first epoch ended (an out-of-memory error, a bad flag found late) leaves run.json, the
-    log and, for SSKD, a phase folder: no result. The same command, as written, then runs."""
-    monkeypatch.chdir(workdir)
-    out = tmp_path / "run"
-    main, argv = {"common": (common.main, ["--model", "resnet8", *TINY, "--epochs", 1]),
-                  "sskd": (sskd.main, METHOD_RUN)}[script]
-    learning_rate = common.learning_rate
-
-    def out_of_memory(recipe, progress):
-        raise RuntimeError("CUDA out of memory")
-    monkeypatch.setattr(common, "learning_rate", out_of_memory)
-    with pytest.raises(RuntimeError):
-        run(monkeypatch, main, *argv, "--out-dir", out)
-    assert not list(runfolder.run_results(out))
-    monkeypatch.setattr(common, "learning_rate", learning_rate)
-    run(monkeypatch, main, *argv, "--out-dir", out)
-    assert (out / "model.pth").exists() and "CUDA out of memory" not in (out / "log.txt").read_text()
 
 
 @pytest.mark.parametrize("script", ["common", "sskd"])
@@ -165,8 +279,6 @@ def test_resume_never_trains_again_a_finished_run_whose_checkpoint_was_deleted(s
     assert message.startswith(f"error: cannot resume {out}: it holds results (") and "no checkpoint.pt" in message
     assert files_in(out) == before
 
-
-# ------------------------------------------------------------------------------ damaged run folders
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "no config", "a list", "a directory"])
 def test_a_damaged_run_json_is_one_line_and_overwrite_still_works(damage, workdir, tmp_path, monkeypatch, capsys):
@@ -190,7 +302,42 @@ def test_a_damaged_run_json_is_one_line_and_overwrite_still_works(damage, workdi
     assert json.loads(run_file.read_text())["script"] == "common" and read_summary(out)["epochs"] == 1
 
 
-# ------------------------------------------------------------------------- full disks, read-only files
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_an_unreadable_checkpoint_is_named_and_nothing_changes(tmp_path, monkeypatch, capsys, damage):
+    out = tmp_path / "run"
+    train_once(monkeypatch, out)
+    checkpoint = out / "checkpoint.pt"
+    checkpoint.write_bytes(b"not a checkpoint" if damage == "garbage" else checkpoint.read_bytes()[:5000])
+    before = files_in(out)
+    message = refused(monkeypatch, capsys, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--out-dir", out,
+                      "--resume")
+    assert str(checkpoint) in message and "unreadable" in message and "nothing was changed" in message
+    assert "weights_only" not in message
+    assert files_in(out) == before
+
+
+def test_a_second_process_on_the_same_folder_is_refused(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "a") as other_process:  # a second open file description locks like another process
+        fcntl.flock(other_process, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        message = refused(monkeypatch, capsys, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--out-dir", out)
+    assert "another process is using --out-dir" in message
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_unwritable_folders_are_found_before_anything_is_trained(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a_file").write_text("")
+    message = refused(monkeypatch, capsys, common.main, "--model", "resnet8", *TINY, "--out-dir", tmp_path / "a_file" / "run")
+    assert message.startswith(f"error: cannot write to --out-dir {tmp_path / 'a_file' / 'run'}")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a model was trained before the folders were checked")
+    monkeypatch.setattr(common, "fit", no_training)
+    message = refused(monkeypatch, capsys, bkd.main, "--teacher", "resnet8", "--student", "resnet8", *TINY,
+                      "--out-dir", tmp_path / "run", "--checkpoint-dir", tmp_path / "a_file" / "checkpoints")
+    assert message.startswith("error: cannot write to --checkpoint-dir")
+
 
 def failing_write(monkeypatch, name, error, after_bytes=100, times=1):
     """Make the next `times` writes of files called `name` fail with OSError `error` after `after_bytes` bytes, as a
@@ -286,49 +433,3 @@ def test_every_file_a_run_writes_is_written_atomically(finished_runs, workdir):
         assert (out / runfolder.RUN_TEACHER).samefile(workdir / TEACHER_FILE)  # a hard link, a rename atomically
         files.remove((out / runfolder.RUN_TEACHER).resolve())
         assert len(files) >= 5 and files <= {p.resolve() for p in written}, script
-
-
-# ------------------------------------------------------------------------------------ signals, NaN
-
-def ctrl_c():
-    raise KeyboardInterrupt
-
-
-def sigterm():  # what a cluster scheduler sends before it pre-empts the job
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
-@pytest.mark.parametrize("stop_run, code, prefix", [(ctrl_c, 130, "interrupted"),
-                                                    (sigterm, 143, "interrupted (SIGTERM)")])
-def test_ctrl_c_and_sigterm_say_where_the_last_checkpoint_is_and_how_to_resume(stop_run, code, prefix, tmp_path,
-                                                                               monkeypatch, capsys):
-    out = tmp_path / "run"
-    learning_rate = common.learning_rate
-
-    def stop_in_epoch_2(recipe, progress):  # at the first step of the second epoch
-        if progress >= 1:
-            stop_run()
-        return learning_rate(recipe, progress)
-    monkeypatch.setattr(common, "learning_rate", stop_in_epoch_2)
-    with pytest.raises(SystemExit) as stop:
-        run(monkeypatch, common.main, "--model", "resnet8", *TINY, "--epochs", 2, "--out-dir", out)
-    assert stop.value.code == code
-    last_line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last_line == (f"{prefix}: the last complete checkpoint is {out / 'checkpoint.pt'} (epoch 1/2); to resume: "
-                         f"python script.py --model resnet8 {' '.join(TINY)} --epochs 2 --out-dir {out} --resume")
-    assert signal.getsignal(signal.SIGTERM) is not progress.raise_terminated  # the handler lives only in run_main
-    monkeypatch.setattr(common, "learning_rate", learning_rate)
-    run(monkeypatch, common.main, *last_line.split("to resume: python script.py ")[1].split())  # as written
-    assert "resumed" in capsys.readouterr().out and read_summary(out)["epochs"] == 2
-
-
-def test_the_nan_advice_works_as_written(tmp_path, monkeypatch, capsys):
-    out = tmp_path / "run"
-    with pytest.raises(SystemExit) as stop:
-        common_run(monkeypatch, out, "--lr", 1e30)
-    assert stop.value.code == 1
-    line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith("error: the training loss became NaN/inf in epoch 1")
-    assert "lower --lr (this run's is 1e+30)" in line and "adding --overwrite" in line
-    common_run(monkeypatch, out, "--lr", 0.05, "--overwrite")  # the advice, followed
-    assert read_summary(out)["recipe"]["lr"] == 0.05
