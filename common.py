@@ -48,10 +48,10 @@ from plumbing.streaming import load_streamed_folder
 from plumbing.validators import (area_fraction, device_name, fraction, nonnegative_float, nonnegative_int,
                                  path_flag, positive_float, positive_int, seed_int)
 from plumbing.weights import (STANDARD_TEACHER_EPOCHS, claim_teacher, claim_teacher_file,
-                              identify_architecture, load_weights,
-                              place_teacher, pretrained_weights, run_teacher_copy, keep_teacher_copy,
-                              start_from_weights, teacher_candidates, teacher_path, teacher_record,
-                              teacher_source, torchvision_teacher, torchvision_weights)
+                              identify_architecture, keep_teacher_copy, load_weights, place_teacher,
+                              pretrained_weights, run_teacher_copy, start_from_weights, teacher_candidates,
+                              teacher_path, teacher_record, teacher_source, torchvision_teacher,
+                              torchvision_weights)
 # The method files import only common and models: what else they use of plumbing they find here.
 from plumbing.files import save_atomic, save_json  # noqa: F401  (SSKD's summary and model files)
 from plumbing.progress import run_main  # noqa: F401  (every script's __main__)
