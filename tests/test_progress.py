@@ -30,8 +30,14 @@ def sigterm():  # what a cluster scheduler sends before it pre-empts the job
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-@pytest.mark.parametrize("stop_run, code, prefix", [(ctrl_c, 130, "interrupted"),
-                                                    (sigterm, 143, "interrupted (SIGTERM)")])
+def worker_killed():  # what DataLoader raises when the out-of-memory killer ends a decoding worker
+    raise RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
+
+
+@pytest.mark.parametrize("stop_run, code, prefix", [
+    (ctrl_c, 130, "interrupted:"), (sigterm, 143, "interrupted (SIGTERM):"),
+    (worker_killed, 1, "error: a decoding worker process stopped (DataLoader worker (pid(s) 4242) exited "
+                       "unexpectedly; the out-of-memory killer, or a signal);")])
 def test_ctrl_c_and_sigterm_say_where_the_last_checkpoint_is_and_how_to_resume(stop_run, code, prefix, tmp_path,
                                                                                monkeypatch, capsys):
     out = tmp_path / "run"
@@ -46,7 +52,7 @@ def test_ctrl_c_and_sigterm_say_where_the_last_checkpoint_is_and_how_to_resume(s
         run(monkeypatch, common.main, "--model", "resnet8", *TINY, "--epochs", 2, "--out-dir", out)
     assert stop.value.code == code
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last_line == (f"{prefix}: the last complete checkpoint is {out / 'checkpoint.pt'} (epoch 1/2); to resume: "
+    assert last_line == (f"{prefix} the last complete checkpoint is {out / 'checkpoint.pt'} (epoch 1/2); to resume: "
                          f"python script.py --model resnet8 {' '.join(TINY)} --epochs 2 --out-dir {out} --resume")
     assert signal.getsignal(signal.SIGTERM) is not progress.raise_terminated  # the handler lives only in run_main
     monkeypatch.setattr(common, "learning_rate", learning_rate)
