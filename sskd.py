@@ -24,7 +24,8 @@ counts from 0), one `fit` per stage:
 
     z   = S_{k-1}(... S_1(x))     the student's own stages before k: frozen, eval mode, no grad  (z)
     t_k = T_k(... T_1(x))         the teacher's stage-k output: frozen, eval mode, no grad       (targets[k])
-    L_k = w * mean((A_k(S_k(z)) - t_k)^2)    w = --feat-weight, mean over all elements  (feature_distances)
+    L_k = w * mean((A_k(S_k(z)) - t_k)^2) / E_k     w = --feat-weight, mean over all elements (feature_distances)
+    E_k = mean(t_k^2) over one pass of the training data before phase A: a constant   (teacher_energies)
 
     S_k is trained alone **[summary]**; stages > k and the head are not used. The input is the student's
     own output, not the teacher's **[choice, implied by "progressive"]** (`--teacher-input` for the other).
@@ -53,6 +54,13 @@ Loss scale `--feat-weight` w **[choice]**: phase A has one term, so w only scale
 weight decay and the learning rate (with SGD; AdamW, the token recipe, is nearly scale-free). Default
 w = 10, best or close to it in two short runs against 1 and 100 (benchmarks/README.md); w = 100, the FitNet
 hint weight (there balanced against CE), takes steps too large for a lone loss.
+
+Feature scale `--feat-norm` E_k **[choice]**: with the plain MSE (`--feat-norm none`, E_k = 1) the SGD step
+grows with the square of the teacher's feature scale; a torchvision ResNet's stage outputs are far larger
+than the CIFAR zoo's, and its stage-3 phase diverged. The default divides each stage's MSE by the teacher's
+mean squared stage output E_k, measured once (so the target t_k is still the raw feature, "without any
+processing") and logged: the loss is then the same for a teacher whose features are c times larger. The
+measurements that chose it are in benchmarks/README.md ("SSKD and the teacher's feature scale").
 
 Ablations **[choice]**, each one branch: `--joint` (one phase trains the whole backbone on the sum of all
 stage losses, K x the stage epochs), `--teacher-input` (stage k is fed the teacher's feature k-1; only
@@ -155,15 +163,52 @@ def set_trainable(student, modules):
             p.requires_grad_(True)
 
 
-def make_backbone_loss_fn(student, teacher, adapters, trained, feat_weight, teacher_input=False):
+def make_backbone_loss_fn(student, teacher, adapters, trained, feat_weight, teacher_input=False, energies=None):
     """Phase A's loss_fn(x, y, progress): feat_weight x the sum of the trained stages' feature MSEs, each
-    MSE also logged."""
+    divided by its stage's constant in `energies` (0-based stage -> the teacher's mean squared output,
+    `teacher_energies`; None: divided by nothing, --feat-norm none). The raw MSEs are logged."""
     names = metric_names(trained)
+    scales = [1.0 if energies is None else 1.0 / energies[k] for k in trained]
 
     def loss_fn(x, y, progress):
         distances = feature_distances(student, teacher, adapters, x, trained, teacher_input)
-        return feat_weight * sum(distances), {"train_" + n: d for n, d in zip(names, distances)}
+        loss = feat_weight * sum(d * scale for d, scale in zip(distances, scales))
+        return loss, {"train_" + n: d for n, d in zip(names, distances)}
     return loss_fn
+
+
+def loss_target_drops_class_token(student_shape, teacher_shape):
+    """Whether the loss compares an adapted feature with the teacher's patch tokens only (feature_distances:
+    the shapes differ and the teacher's tokens hold a class token)."""
+    return tuple(student_shape) != tuple(teacher_shape) and models.has_class_token(tuple(teacher_shape))
+
+
+@torch.no_grad()
+def teacher_energies(teacher, data, stages, shapes, args):
+    """{0-based stage k: mean(t_k^2)} for k in `stages`: the teacher's mean squared stage-k output (the
+    target of the loss, patch tokens only where feature_distances compares those) over one pass of the
+    training set, augmented as in epoch 0 of a run with this seed, in the run's precision. Measured once
+    before phase A; a constant, so the target stays the raw feature. Under torchrun each rank measures its
+    part of the pass and the sums are added up."""
+    fast = common.fast_paths(args, data.device)
+    last = max(stages)
+    sums = {k: torch.zeros((), device=data.device) for k in stages}
+    count = torch.zeros((), device=data.device)
+    teacher_stages = teacher.stages()[:last + 1]
+    batches = data.train_batches(256, args.seed, 0, fast.channels_last,  # epoch 0's images, in batches
+                                 (common.rank(), common.world_size()))  # of any size
+    with torch.autocast(data.device.type, dtype=torch.bfloat16, enabled=fast.amp):
+        for x, _ in batches:
+            t = x
+            for k, stage in enumerate(teacher_stages):
+                t = stage(t)
+                if k in sums:
+                    target = t[:, 1:] if loss_target_drops_class_token(*shapes[k]) else t
+                    sums[k] += target.float().pow(2).mean() * len(x)
+            count += len(x)
+    totals = common.sum_across_ranks({**{str(k): v for k, v in sums.items()}, "n": count})
+    n = totals.pop("n").item()
+    return {int(k): v.item() / n for k, v in totals.items()}
 
 
 def make_head_loss_fn(student, finetune_all, label_smoothing):
@@ -179,19 +224,27 @@ def make_head_loss_fn(student, finetune_all, label_smoothing):
     return loss_fn
 
 
-def train_backbone(args, data, student, teacher, trained, epochs, out_dir):
+def stage_shapes(student, teacher, image_size):
+    """[(the student's, the teacher's) stage-k output shape per sample] for every stage k."""
+    return list(zip(models.feature_shapes(student, image_size), models.feature_shapes(teacher, image_size)))
+
+
+def train_backbone(args, data, student, teacher, trained, epochs, out_dir, energies=None):
     """Phase A for the 0-based stages in `trained`: [k] for stage k alone, all of them with --joint.
-    Returns fit's summary; the adapters are local to this call and are dropped with it."""
+    `energies`: the teacher's per-stage mean squared outputs for --feat-norm teacher-energy (measured here
+    when not given). Returns fit's summary; the adapters are local to this call and are dropped with it."""
     device = data.device
     stages = student.stages()
-    size = data.image_size
-    shapes = list(zip(models.feature_shapes(student, size), models.feature_shapes(teacher, size)))
+    shapes = stage_shapes(student, teacher, data.image_size)
     adapters = {k: make_adapter(*shapes[k]).to(device) for k in trained}
     train_modules = [stages[k] for k in trained] + [adapters[k] for k in trained]
     set_trainable(student, train_modules)
 
     names = metric_names(trained)
-    loss_fn = make_backbone_loss_fn(student, teacher, adapters, trained, args.feat_weight, args.teacher_input)
+    if args.feat_norm == "teacher-energy" and energies is None:
+        energies = teacher_energies(teacher, data, trained, shapes, args)
+    loss_fn = make_backbone_loss_fn(student, teacher, adapters, trained, args.feat_weight, args.teacher_input,
+                                    energies if args.feat_norm == "teacher-energy" else None)
 
     def eval_fn(x, y):  # the unweighted test feature MSE, student (adapted) vs teacher
         return dict(zip(names, feature_distances(student, teacher, adapters, x, trained, args.teacher_input)))
@@ -262,13 +315,23 @@ def distill(args, data, teacher, student):
     # With --resume every phase continues through fit's own resume, which checks that its checkpoint is of
     # this run; a finished phase trains no epoch and leaves the student as the phase ended it. Adapter and
     # head initialisation depend only on (seed, phase): a resumed run equals an uninterrupted one.
-    summaries, stage_mse = {}, {}
+    num_stages = len(student.stages())
+    energies = teacher_energies(teacher, data, range(num_stages), stage_shapes(student, teacher, data.image_size),
+                                args)  # deterministic: a resumed run measures the same constants
+    shown = ", ".join(f"stage {k + 1} {e:.4g}" for k, e in energies.items())
+    common.log(f"SSKD: the teacher's mean squared stage outputs on the training data: {shown}; the stage "
+               + ("losses are divided by them (--feat-norm teacher-energy)" if args.feat_norm == "teacher-energy"
+                  else "losses are not divided by them (--feat-norm none)"))
+    summaries, stage_mse, stage_rel = {}, {}, {}
     for index, (name, trained, epochs) in enumerate(backbone_phases):  # phase A
         torch.manual_seed(args.seed + index)
-        summaries[name] = train_backbone(args, data, student, teacher, trained, epochs, out_dir / name)
+        summaries[name] = train_backbone(args, data, student, teacher, trained, epochs, out_dir / name, energies)
         for k, key in zip(trained, metric_names(trained)):
-            stage_mse[f"stage{k + 1}"] = summaries[name]["last_epoch"][key]
-            common.log(f"SSKD stage {k + 1}: test feature MSE {stage_mse[f'stage{k + 1}']:.4g}")
+            stage = f"stage{k + 1}"
+            stage_mse[stage] = summaries[name]["last_epoch"][key]
+            stage_rel[stage] = stage_mse[stage] / energies[k]
+            common.log(f"SSKD stage {k + 1}: test feature MSE {stage_mse[stage]:.4g}, "
+                       f"{100 * stage_rel[stage]:.3g} % of the teacher's mean squared output")
     torch.manual_seed(args.seed + len(backbone_phases))  # phase B
     summaries["head"] = train_head(args, data, student, head_epochs, out_dir / "head", teacher)
     for p in student.parameters():
@@ -277,7 +340,10 @@ def distill(args, data, teacher, student):
     head = summaries["head"]
     total_epochs = sum(s["epochs"] for s in summaries.values())
     summary = {"method": "sskd", "last_acc": head["last_acc"], "best_acc": head["best_acc"],
-               "best_epoch": head["best_epoch"], "stage_feat_mse": stage_mse, "epochs": total_epochs,
+               "best_epoch": head["best_epoch"], "stage_feat_mse": stage_mse,
+               "stage_feat_mse_relative": stage_rel,  # test MSE / the teacher's training-data energy
+               "teacher_feature_energy": {f"stage{k + 1}": e for k, e in energies.items()},
+               "epochs": total_epochs,
                "params": common.count_params(student),
                "seconds": sum(s["seconds"] for s in summaries.values()),
                "phases": {name: {k: s[k] for k in ("epochs", "seconds", "last_epoch", "recipe")}
@@ -301,7 +367,12 @@ def add_args(parser):
     g.add_argument("--head-epochs", type=common.positive_int,
                    help="epochs of the head phase (default: --epochs // 10, at least 1: 24 of 240, 2 of 20)")
     g.add_argument("--feat-weight", type=common.positive_float, default=10.0,
-                   help="phase A loss = weight x mean squared feature error (default 10; see the docstring)")
+                   help="phase A loss = weight x mean squared feature error, divided as --feat-norm says "
+                        "(default 10; see the docstring)")
+    g.add_argument("--feat-norm", choices=["teacher-energy", "none"], default="teacher-energy",
+                   help="teacher-energy (default): each stage's MSE divided by the teacher's mean squared "
+                        "stage output on the training data, measured once before phase A, so that the loss "
+                        "does not depend on the teacher's feature scale; none: the plain MSE")
     g.add_argument("--joint", action="store_true",
                    help="ablation: train the whole backbone at once on the sum of all stage losses "
                         "(stages x stage epochs), then the head")

@@ -43,6 +43,10 @@ ROWS = {  # row -> (script, flags, label). Order = order of the table.
     "lfcc_perscale": ("lfcc.py", ["--per-scale"], "LFCC, one alignment per scale (`--per-scale`)"),
     "lfcc_reduce8": ("lfcc.py", ["--reduce-channels", "8"], "LFCC, every stage reduced to 8 channels (`--reduce-channels 8`)"),
     "sskd": ("sskd.py", EVEN_SPLIT, "SSKD as in the paper (stages, then head on labels)"),
+    "sskd_unnormalised": ("sskd.py", ["--feat-norm", "none", *EVEN_SPLIT],
+                          "SSKD, plain MSE × 10 (`--feat-norm none`, the loss before issue 30)"),
+    "sskd_clip": ("sskd.py", ["--feat-norm", "none", "--grad-clip", "1", *EVEN_SPLIT],
+                  "SSKD, plain MSE × 10, gradient norm clipped at 1 (`--feat-norm none --grad-clip 1`)"),
     "sskd_joint": ("sskd.py", ["--joint", *EVEN_SPLIT], "SSKD `--joint` (departure: all stages at once)"),
     "sskd_finetune": ("sskd.py", ["--finetune-all", *EVEN_SPLIT], "SSKD `--finetune-all` (departure: phase B trains all)"),
     # The SSKD budget study: epochs per stage phase (s) and of the head phase (h); s6_h2 is today's default.
@@ -183,7 +187,8 @@ def label(row, summary):
 # Each method against the control that shares its loss weights (and each ablation against its method).
 COMPARISONS = [("kd", "student"), ("cekd", "student"), ("blockkd", "cekd"), ("blockkd", "blockkd_nocross"),
                ("lfcc", "cekd"), ("lfcc", "lfcc_nolowpass"), ("lfcc_perscale", "lfcc"), ("lfcc_reduce8", "lfcc"),
-               ("lfcc_beta0", "cekd"), ("sskd", "student"), ("sskd_joint", "sskd"), ("sskd_finetune", "sskd")]
+               ("lfcc_beta0", "cekd"), ("sskd", "student"), ("sskd", "sskd_unnormalised"), ("sskd_clip", "sskd"),
+               ("sskd_joint", "sskd"), ("sskd_finetune", "sskd")]
 
 
 def last_accuracies(out, row, student):

@@ -30,6 +30,7 @@ import argparse
 import json
 import statistics
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -100,9 +101,8 @@ def main():
                               str(args.epochs), "--seed", str(seed), "--out-dir", str(run_dir), "--resume"],
                              run_dir))
         say(f"{len(todo)} runs to do, {args.jobs} at a time")
-        failed = 0
-        for job in todo:  # in order: seed 0 of every row first
-            failed += run(*job, args.threads) is None
+        with ThreadPoolExecutor(args.jobs) as pool:  # started in order: seed 0 of every row first
+            failed = sum(r is None for r in pool.map(lambda job: run(*job, args.threads), todo))
     write_table(out, args)
     if failed:
         sys.exit(f"{failed} runs failed (see their output.txt); rerun the same command to retry them")

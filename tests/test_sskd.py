@@ -126,6 +126,74 @@ def test_reset_head_reinitialises_linear_and_norm():
         assert all(torch.equal(v, model.stages()[0][0].state_dict()[k]) for k, v in stem.items())
 
 
+class Scale(nn.Module):
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+class ScaledStages(nn.Module):
+    """`model` whose every stage output is multiplied by `factor` (and divided by it again where the next stage
+    or the head reads it): the same network, with stage outputs `factor` times larger, as torchvision's
+    ResNets' are against the CIFAR zoo's. Its parameters are `model`'s."""
+
+    def __init__(self, model, factor):
+        super().__init__()
+        self.model, self.factor, self.arch = model, factor, model.arch
+        self.train(model.training)  # a frozen teacher stays in eval mode (feature_shapes restores the mode)
+
+    def stages(self):
+        up, down = Scale(self.factor), Scale(1 / self.factor)
+        return [nn.Sequential(*([down] if k else []), stage, up) for k, stage in enumerate(self.model.stages())]
+
+    def head(self):
+        return nn.Sequential(Scale(1 / self.factor), self.model.head())
+
+
+def test_stage_phase_does_not_depend_on_the_feature_scale(sskd_data, trained_teacher, tmp_path):
+    """The same teacher and student with every stage output 128 times larger (a power of two: every scaling
+    is exact in floating point) train exactly alike with the default --feat-norm teacher-energy: the
+    measured energies are 128^2 times larger, the loss is the same, and so are the trained weights. With the
+    plain MSE (--feat-norm none) the larger scale is a 128^2 times larger gradient (the torchvision ResNets'
+    case, where stage 3 diverged)."""
+    factor = 128
+    shapes = sskd.stage_shapes(tiny_model("resnet8"), trained_teacher, 32)
+    args = sskd_args(tmp_path, "--epochs", 1)
+    energies = sskd.teacher_energies(trained_teacher, sskd_data, [0, 1, 2], shapes, args)
+    scaled_energies = sskd.teacher_energies(ScaledStages(trained_teacher, factor), sskd_data, [0, 1, 2], shapes, args)
+    assert all(scaled_energies[k] == factor ** 2 * energies[k] for k in range(3)), (energies, scaled_energies)
+
+    def stage2_phase(scale, *flags):
+        student = tiny_model("resnet8", seed=0)
+        teacher = ScaledStages(trained_teacher, scale) if scale != 1 else trained_teacher
+        model = ScaledStages(student, scale) if scale != 1 else student
+        out_dir = tmp_path / f"scale{scale}{''.join(flags)}"
+        summary = sskd.train_backbone(sskd_args(out_dir, "--epochs", 2, *flags), sskd_data, model, teacher, [1], 2,
+                                      out_dir)
+        energy = sskd.teacher_energies(teacher, sskd_data, [1], shapes, args)[1]
+        return student, summary["last_epoch"]["feat_mse"] / energy
+
+    x = sskd_data.normalize(sskd_data.test_x)
+    with torch.no_grad():
+        start = sskd.feature_distances(tiny_model("resnet8", seed=0).eval(), trained_teacher,
+                                       {1: nn.Identity()}, x, [1])[0].item() / energies[1]
+    student, relative = stage2_phase(1)
+    scaled_student, scaled_relative = stage2_phase(factor)
+    assert relative < 0.5 * start, (relative, start)  # the phase learns: measured 0.92 -> 0.38
+    assert scaled_relative == pytest.approx(relative, rel=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), scaled_student.state_dict().values()))
+    # The plain MSE: unchanged at scale 1 (a weight of 10 on the raw error), not scale-free.
+    _, plain = stage2_phase(1, "--feat-norm", "none")
+    try:
+        _, scaled_plain = stage2_phase(factor, "--feat-norm", "none")
+    except FloatingPointError:  # the loss became inf or NaN: fit stops the run
+        scaled_plain = float("inf")
+    assert scaled_plain != pytest.approx(plain, rel=0.1)
+
+
 # ------------------------------------------------------------------------------------------- phases
 
 @pytest.mark.parametrize("teacher_name,student_name", [("wrn_16_2", "resnet8"), ("resnet8", "vit"),
@@ -175,7 +243,9 @@ def test_run_lowers_every_stage_distance_and_learns_a_head(full_run, sskd_data, 
         rows = [json.loads(r) for r in (out_dir / f"stage{k}" / "metrics.jsonl").read_text().splitlines()]
         assert len(rows) == 2 and "test_acc" not in rows[-1]
         assert rows[-1]["feat_mse"] == pytest.approx(final[k - 1])
-        assert rows[-1]["train_loss"] == pytest.approx(10 * rows[-1]["train_feat_mse"], rel=1e-5)  # --feat-weight
+        energy = summary["teacher_feature_energy"][f"stage{k}"]  # --feat-weight 10, --feat-norm teacher-energy
+        assert rows[-1]["train_loss"] == pytest.approx(10 * rows[-1]["train_feat_mse"] / energy, rel=1e-5)
+        assert summary["stage_feat_mse_relative"][f"stage{k}"] == pytest.approx(final[k - 1] / energy)
         assert not (out_dir / f"stage{k}" / "model.pth").exists()
     saved = json.loads((out_dir / "summary.json").read_text())
     assert saved["last_acc"] == summary["last_acc"] and saved["epochs"] == 2 + 2 + 2 + 1  # --epochs 8
