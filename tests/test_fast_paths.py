@@ -364,8 +364,21 @@ def test_losses_are_float32_under_autocast_by_hand():
 
 # ------------------------------------------------------------------------------------------- compile
 
+@pytest.fixture
+def dynamo_only(monkeypatch):
+    """torch.compile with the aot_eager backend: dynamo's capture and AOTAutograd's forward + backward
+    graphs, which is where our code meets the compiler (graph breaks, recompiles, guards on `progress`),
+    without inductor's C++ code generation (about 40 s per graph on CI's CPU). Inductor itself runs in the
+    `alone` case of test_compiled_run_logs_what_the_eager_run_logs and in test_gpu_check.py's compile part."""
+    compile_with_inductor = torch.compile
+
+    def compile_with_aot_eager(fn, **kwargs):
+        return compile_with_inductor(fn, backend="aot_eager", **kwargs)
+    monkeypatch.setattr(torch, "compile", compile_with_aot_eager)
+
+
 @pytest.mark.slow
-def test_compiled_step_sees_every_progress_value():
+def test_compiled_step_sees_every_progress_value(dynamo_only):
     """The --compile bug: Block-KD's warm-up min(1.0, progress / r) was frozen at the second step's value
     inside the compiled step (ramp 0.54 / 0.6 logged instead of 0.86 / 1). The compiled step must return
     what the eager step returns for every progress, and compile once for all of them."""
@@ -420,7 +433,9 @@ COMPILE_REL, COMPILE_ACC_POINTS = 2e-3, 1.0
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
-def test_compiled_run_logs_what_the_eager_run_logs(method, small_data, tmp_path):
+def test_compiled_run_logs_what_the_eager_run_logs(method, small_data, tmp_path, request):
+    if method != "alone":  # the methods' own code is traced by dynamo; inductor once, for the classifier
+        request.getfixturevalue("dynamo_only")
     flags = (*COMPILE_RUN[method], "--batch-size", 64, *FP32)
     train(method, small_data, tmp_path / "eager", *flags)
     torch._dynamo.reset()  # a fresh compile cache: earlier tests' graphs count towards dynamo's recompile limit
@@ -437,7 +452,7 @@ def test_compiled_run_logs_what_the_eager_run_logs(method, small_data, tmp_path)
 
 
 @pytest.mark.slow
-def test_every_compiled_train_step_of_a_process_compiles():
+def test_every_compiled_train_step_of_a_process_compiles(dynamo_only):
     """Every make_train_step shares one code object, and dynamo keeps at most 8 graphs per code object, then
     runs eager without an error: SSKD's teacher fit and four phases, two batch sizes each, passed that and
     its head phase ran eager. Ten train steps in a row, each with another shape, must each compile."""
