@@ -23,6 +23,13 @@ Protocol [choice, each a flag below]:
     OMP_NUM_THREADS=1 nohup python benchmarks/papers_benchmark.py > runs/papers.log 2>&1 &   # resumable
     python benchmarks/papers_benchmark.py --table-only            # the table so far, in runs/papers/table.md
 
+On one GPU the same protocol at 224 px (benchmarks/README.md's 224-px table: an H200, every run of a call at
+once, about 4 minutes per call of 14 runs; the teacher first, alone, 1.5 minutes):
+
+    python benchmarks/papers_benchmark.py --image-size 224 --out runs/papers224 --jobs 14 --threads 2 \
+        --rows student kd cekd blockkd lfcc sskd sskd_unnormalised sskd_clip --seeds 0 1 2 3 4 \
+        --seeded-rows student kd cekd blockkd lfcc sskd sskd_unnormalised
+
 Every run gets --resume and a run whose summary.json exists is skipped: stop it at any time and rerun the same
 command. One run at a time by default (`--jobs`), one thread each (`--threads`).
 """
@@ -130,7 +137,7 @@ def write_table(out, args):
         head = (f"Teacher {TEACHER}: {teacher['last_acc']:.2f} % (from scratch, {args.teacher_subset} images, "
                 f"{teacher['epochs']} epochs, seed 0). Students {STUDENT}: {args.epochs} epochs, CIFAR-10 image "
                 f"folder at {args.image_size} px, {args.train_subset}-image subset, full 10,000-image test split, "
-                f"last epoch, `--amp {args.amp}`, {args.threads} thread(s) per run, {args.jobs} run(s) at a time.\n\n")
+                f"last epoch, `--amp {args.amp}`.\n\n")
     mini.ROWS = PAPERS_ROWS  # comparison_lines reads the labels and runs through these
     mini.COMPARISONS = COMPARISONS
     table = head + "\n".join(lines) + "\n\n" + "\n".join(mini.comparison_lines(out, [STUDENT])) + "\n"
