@@ -10,6 +10,8 @@ on the commit before a change and after it, then compare:
     python benchmarks/same_results.py --out /tmp/same/after
     python benchmarks/same_results.py --compare /tmp/same/before /tmp/same/after   # exit 1 on a difference
 
+A change of a default is checked the same way with the old value given: `--append sskd '--feat-norm none'`.
+
 The runs: a common.py model saved as a teacher; the KD baseline and Block-KD from it; SSKD's four phases;
 LFCC with the zoo Mixer; a teacher trained automatically by a method run; a streamed image-folder run; a
 2-rank gloo run under torchrun. About 2 minutes on 2 cores. Keys a newer version adds to a row are listed,
@@ -85,7 +87,7 @@ def record(folder):
     return found
 
 
-def run_all(repo, out):
+def run_all(repo, out, appended=()):
     out.mkdir(parents=True, exist_ok=True)
     for entry in ("common.py", "blockwise_kd.py", "sskd.py", "lfcc.py", "models", "plumbing"):
         link = out / entry
@@ -95,6 +97,7 @@ def run_all(repo, out):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
     results = {}
     for name, command in RUNS.items():
+        command += "".join(f" {flags}" for run, flags in appended if run == name)
         print(f"{name}: python {command}", flush=True)
         done = subprocess.run([sys.executable, *command.split()], cwd=out, env=env, capture_output=True, text=True)
         if done.returncode:
@@ -136,10 +139,16 @@ def main():
     parser.add_argument("--repo", type=Path, default=ROOT, help="the checkout whose scripts run (default: this one)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "same_results", help="where the runs go")
     parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="compare two --out folders")
+    parser.add_argument("--append", nargs=2, action="append", default=[], metavar=("RUN", "FLAGS"),
+                        help="append FLAGS to RUN's command (repeatable): a new flag's old value, to show that it "
+                             "gives the runs before the change, e.g. --append sskd '--feat-norm none'")
     args = parser.parse_args()
     if args.compare:
         sys.exit(0 if compare(*args.compare) else 1)
-    run_all(args.repo.resolve(), args.out.resolve())
+    unknown = {run for run, _ in args.append} - set(RUNS)
+    if unknown:
+        parser.error(f"--append: no run named {', '.join(sorted(unknown))} (runs: {', '.join(RUNS)})")
+    run_all(args.repo.resolve(), args.out.resolve(), args.append)
 
 
 if __name__ == "__main__":
