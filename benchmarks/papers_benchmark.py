@@ -52,6 +52,9 @@ PAPERS_ROWS = {  # the mini-benchmark's rows, SSKD at sskd.py's defaults (its 4 
                           "SSKD, plain MSE × 10 (`--feat-norm none`, the old default)"),
     "sskd_clip": ("sskd.py", ["--feat-norm", "none", "--grad-clip", "1"],
                   "SSKD, plain MSE × 10, gradient norm clipped at 1 (`--feat-norm none --grad-clip 1`)"),
+    # SSKD's budget at this size: epochs per stage phase (s) and of the head phase (h); s3_h1 is the default.
+    "sskd_s6_h2": ("sskd.py", ["--stage-epochs", "6", "--head-epochs", "2"], "SSKD as in the paper"),
+    "sskd_s10_h2": ("sskd.py", ["--stage-epochs", "10", "--head-epochs", "2"], "SSKD as in the paper"),
 }
 DEFAULT_ROWS = ["student", "kd", "cekd", "blockkd", "lfcc", "sskd"]
 SEEDED_ROWS = ["cekd", "blockkd", "lfcc", "sskd"]
