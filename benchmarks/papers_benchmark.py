@@ -119,6 +119,8 @@ def main():
 
 
 def write_table(out, args):
+    mini.ROWS = PAPERS_ROWS  # mini.label and mini.comparison_lines read the labels and runs through these
+    mini.COMPARISONS = COMPARISONS
     teacher_file = out / f"teacher_{TEACHER}" / "summary.json"
     teacher = json.loads(teacher_file.read_text()) if teacher_file.exists() else None
     lines = ["| teacher → student | row | seeds | last-epoch acc % | s / run (median) |", "|---|---|---|---|---|"]
@@ -129,11 +131,8 @@ def write_table(out, args):
         summaries = [json.loads(p.read_text()) for p in runs]
         walls = [w for w in (wall_seconds(p.parent) for p in runs) if w is not None]
         seeds = ",".join(p.parent.name.rsplit("seed", 1)[1] for p in runs)
-        label = PAPERS_ROWS[row][2]
-        if "phases" in summaries[0]:
-            label += f", epochs {' + '.join(str(p['epochs']) for p in summaries[0]['phases'].values())}"
         wall = f"{statistics.median(walls):.0f}" if walls else "–"
-        lines.append(f"| {TEACHER} → {STUDENT} | {label} | {seeds} | "
+        lines.append(f"| {TEACHER} → {STUDENT} | {mini.label(row, summaries[0])} | {seeds} | "
                      f"{mean_std([s['last_acc'] for s in summaries])} | {wall} |")
     head = ""
     if teacher:
@@ -141,8 +140,6 @@ def write_table(out, args):
                 f"{teacher['epochs']} epochs, seed 0). Students {STUDENT}: {args.epochs} epochs, CIFAR-10 image "
                 f"folder at {args.image_size} px, {args.train_subset}-image subset, full 10,000-image test split, "
                 f"last epoch, `--amp {args.amp}`.\n\n")
-    mini.ROWS = PAPERS_ROWS  # comparison_lines reads the labels and runs through these
-    mini.COMPARISONS = COMPARISONS
     table = head + "\n".join(lines) + "\n\n" + "\n".join(mini.comparison_lines(out, [STUDENT])) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(table)
