@@ -85,6 +85,10 @@ class Data:
         self.augment = augment or ("pad-crop" if self.image_size == self.stored_size else "resized-crop")
         self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
 
+    def keep_test(self, keep):
+        """Evaluate on the test images at indices `keep` only (--test-subset)."""
+        self.test_x, self.test_y = self.test_x[keep.to(self.device)], self.test_y[keep.to(self.device)]
+
     def to(self, device):
         for key in ("train_x", "train_y", "test_x", "test_y", "mean", "std"):
             setattr(self, key, getattr(self, key).to(device))
@@ -207,7 +211,7 @@ def load_data(args, device):
         if args.train_subset:
             check_subset(args, data.train_y.cpu(), data.num_classes)
             data.subset(balanced_subset(data.train_y.cpu(), args.train_subset, data.num_classes, seed=0))
-        return data
+        return keep_test_subset(args, data)
     if args.dataset in ("cifar100", "cifar10"):
         if stored != 32:
             raise SystemExit(f"error: --dataset {args.dataset} is kept at its own 32x32 (upsampled to "
@@ -234,7 +238,18 @@ def load_data(args, device):
                    crop_ratio=getattr(args, "crop_ratio", (3 / 4, 4 / 3)))
     data = Data(train_x, train_y, test_x, test_y, num_classes, mean, std, args.dataset, size, **augment)
     data.classes = listing[0] if listing else None
-    return data.to(device)
+    return keep_test_subset(args, data).to(device)
+
+
+def keep_test_subset(args, data):
+    """--test-subset N: evaluate on a class-balanced N of the test images (the same for every seed). Taken
+    after the data's fingerprint, which stays that of the whole data: a teacher trained by a run that
+    evaluates on a subset learnt from the same images."""
+    if getattr(args, "test_subset", 0):
+        labels = data.test_y.cpu()
+        check_subset(args, labels, data.num_classes, split="test")
+        data.keep_test(balanced_subset(labels, args.test_subset, data.num_classes, seed=0, flag="--test-subset"))
+    return data
 
 
 def streams(args, stored, listing):
@@ -630,6 +645,10 @@ def add_common_args(parser):
                    help="resized-crop: the crop's aspect ratio range (default 3/4 4/3, torchvision's)")
     g.add_argument("--train-subset", type=nonnegative_int, default=0, metavar="N",
                    help="train on a class-balanced subset of N images (fixed choice, same for every seed)")
+    g.add_argument("--test-subset", type=nonnegative_int, default=0, metavar="N",
+                   help="evaluate on a class-balanced subset of N test images (fixed choice), for quick "
+                        "runs: its accuracies are not comparable with the whole test split's (default 0: "
+                        "the whole test split)")
     g.add_argument("--pipeline", choices=["auto", "device", "stream"], default="auto",
                    help="folder and imagenet: device (all images decoded once, kept on the device) or stream "
                         "(decoded batch by batch in --workers processes); auto (default): stream when the "

@@ -249,7 +249,7 @@ def resize_uint8(images, size):
     return resized.round().clamp(0, 255).to(torch.uint8)
 
 
-def balanced_subset(labels, size, num_classes, seed):
+def balanced_subset(labels, size, num_classes, seed, flag="--train-subset"):
     """Indices of `size` samples, size // num_classes from every class, chosen with a fixed seed."""
     per_class = size // num_classes
     g = torch.Generator().manual_seed(seed)
@@ -257,23 +257,24 @@ def balanced_subset(labels, size, num_classes, seed):
     for c in range(num_classes):
         idx = (labels == c).nonzero().flatten()
         if len(idx) < per_class:
-            raise SystemExit(f"error: --train-subset {size} needs {per_class} images of class {c}, it has "
+            raise SystemExit(f"error: {flag} {size} needs {per_class} images of class {c}, it has "
                              f"{len(idx)}")
         picks.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
     return torch.cat(picks).sort().values
 
 
-def check_subset(args, train_y, num_classes):
-    """--train-subset N: at most the training images, at least one per class, a multiple of the classes."""
-    if args.train_subset > len(train_y):
-        raise SystemExit(f"error: --train-subset {args.train_subset} is more than the {len(train_y)} "
-                         f"training images of {args.dataset}")
-    if args.train_subset < num_classes:
-        raise SystemExit(f"error: --train-subset {args.train_subset} is fewer than the {num_classes} "
-                         f"classes of {args.dataset}: a class-balanced subset needs one image per class "
-                         "at least")
-    if args.train_subset % num_classes:
-        lower = args.train_subset // num_classes * num_classes
-        raise SystemExit(f"error: --train-subset {args.train_subset} does not split evenly over the "
-                         f"{num_classes} classes of {args.dataset}: use a multiple of {num_classes}, "
-                         f"e.g. {lower} or {lower + num_classes}")
+def check_subset(args, labels, num_classes, split="train"):
+    """--train-subset N (or --test-subset N, split "test"): at most the split's images, at least one per
+    class, a multiple of the classes."""
+    size, flag = getattr(args, f"{split}_subset"), f"--{split}-subset"
+    if size > len(labels):
+        raise SystemExit(f"error: {flag} {size} is more than the {len(labels)} "
+                         f"{'training' if split == 'train' else 'test'} images of {args.dataset}")
+    if size < num_classes:
+        raise SystemExit(f"error: {flag} {size} is fewer than the {num_classes} classes of {args.dataset}: "
+                         "a class-balanced subset needs one image per class at least")
+    if size % num_classes:
+        lower = size // num_classes * num_classes
+        raise SystemExit(f"error: {flag} {size} does not split evenly over the {num_classes} classes of "
+                         f"{args.dataset}: use a multiple of {num_classes}, e.g. {lower} or "
+                         f"{lower + num_classes}")

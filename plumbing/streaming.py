@@ -66,6 +66,11 @@ class StreamedData:
         self.train_paths = [self.train_paths[i] for i in keep.tolist()]
         self.train_sizes, self.train_y = self.train_sizes[keep], self.train_y[keep.to(self.train_y.device)]
 
+    def keep_test(self, keep):
+        """Evaluate on the test images at indices `keep` only (as common.Data.keep_test)."""
+        self.test_paths = [self.test_paths[i] for i in keep.tolist()]
+        self.test_sizes, self.test_y = self.test_sizes[keep], self.test_y[keep.to(self.test_y.device)]
+
     def train_plan(self, batch_size, seed, epoch, shard):
         """This rank's part of every global batch of the epoch: lists of (index, top, left, h, w, flip)."""
         n = len(self.train_paths)

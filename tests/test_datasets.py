@@ -202,21 +202,40 @@ def test_subset_is_class_balanced_and_fixed():
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-@pytest.mark.parametrize("subset, wanted", [
-    (5, "error: --train-subset 5 is fewer than the 10 classes of synthetic"),
-    (101, "error: --train-subset 101 is more than the 100 training images of synthetic"),
-    (29, "error: --train-subset 29 does not split evenly over the 10 classes of synthetic: use a multiple of 10, "
-         "e.g. 20 or 30"),  # it trained on 20 and recorded 29
+@pytest.mark.parametrize("flag, subset, wanted", [
+    ("--train-subset", 5, "error: --train-subset 5 is fewer than the 10 classes of synthetic"),
+    ("--train-subset", 101, "error: --train-subset 101 is more than the 100 training images of synthetic"),
+    ("--train-subset", 29, "error: --train-subset 29 does not split evenly over the 10 classes of synthetic: use a "
+                           "multiple of 10, e.g. 20 or 30"),  # it trained on 20 and recorded 29
+    ("--test-subset", 30, "error: --test-subset 30 is more than the 20 test images of synthetic"),
+    ("--test-subset", 15, "error: --test-subset 15 does not split evenly over the 10 classes of synthetic: use a "
+                          "multiple of 10, e.g. 10 or 20"),
 ])
-def test_train_subset_outside_the_data_stops_before_any_model(script, subset, wanted, monkeypatch):
+def test_a_subset_outside_the_data_stops_before_any_model(script, flag, subset, wanted, monkeypatch):
     small = common.make_synthetic(train_size=100, test_size=20)
     monkeypatch.setattr(common, "make_synthetic", lambda **size: small)
     for name in ("build_model", "load_teacher"):
         monkeypatch.setattr(common, name, lambda *a: pytest.fail("a model was built"))
     module, base = SCRIPTS[script]
     with pytest.raises(SystemExit) as error:
-        module.main(base + ["--dataset", "synthetic", "--device", "cpu", "--train-subset", str(subset)])
+        module.main(base + ["--dataset", "synthetic", "--device", "cpu", flag, str(subset)])
     assert one_line_exit(error).startswith(wanted)
+
+
+@pytest.mark.parametrize("pipeline", ["device", "stream"])
+def test_test_subset_evaluates_on_a_fixed_balanced_part_and_keeps_the_datas_fingerprint(pipeline, imagenet_folder):
+    """--test-subset N: N test images, N / classes of each, the same on every load, the training images
+    untouched; the fingerprint stays the whole data's, so a teacher trained by such a run is this data's."""
+    def load(*extra):
+        return common.load_data(make_args("--dataset", "imagenet", "--data-dir", imagenet_folder, "--image-size", 32,
+                                          "--pipeline", pipeline, "--workers", 0, *extra), torch.device("cpu"))
+    whole, part, again = load(), load("--test-subset", 6), load("--test-subset", 6)
+    assert len(whole.test_y) == 9 and torch.bincount(part.test_y).tolist() == [2, 2, 2]
+    assert torch.equal(part.test_y, again.test_y) and torch.equal(part.train_y, whole.train_y)
+    assert part.fingerprint == whole.fingerprint
+    keep = common.balanced_subset(whole.test_y, 6, 3, seed=0)
+    (x_whole, _), (x_part, y_part) = next(whole.test_batches(9)), next(part.test_batches(6))
+    assert torch.equal(y_part, whole.test_y[keep]) and torch.equal(x_part, x_whole[keep])  # the same images
 
 
 def test_train_subset_error_is_one_line_from_the_command_line():
