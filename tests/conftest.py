@@ -182,7 +182,7 @@ def synthetic_images_made_once():
         yield
 
 
-TINY = ["--dataset", "synthetic", "--train-subset", "100", "--batch-size", "50"]  # 2 steps per epoch
+TINY = ["--dataset", "synthetic", "--train-subset", "100", "--batch-size", "50", "--test-subset", "100"]  # 2 steps per epoch, 1 test batch
 
 
 def run(monkeypatch, main, *argv):

@@ -60,13 +60,13 @@ def test_ctrl_c_and_sigterm_say_where_the_last_checkpoint_is_and_how_to_resume(s
     assert "resumed" in capsys.readouterr().out and read_summary(out)["epochs"] == 2
 
 
-def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, synthetic_data):
+def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, small_data):
     args, model = short_fit_args(tmp_path)
     def nan_in_epoch_2(x, y, progress):
         loss = F.cross_entropy(model(x), y)
         return (loss * float("nan") if progress >= 1.5 else loss), {}
     with pytest.raises(FloatingPointError, match="NaN") as error:
-        common.fit(model, synthetic_data, tmp_path, common.make_recipe(args, "cnn"), loss_fn=nan_in_epoch_2,
+        common.fit(model, small_data, tmp_path, common.make_recipe(args, "cnn"), loss_fn=nan_in_epoch_2,
                    **common.run_options(args))
     assert "intact" in str(error.value)
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)

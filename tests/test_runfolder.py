@@ -120,9 +120,9 @@ def test_a_run_that_failed_at_its_first_step_does_not_block_the_same_command(scr
     assert (out / "model.pth").exists() and "CUDA out of memory" not in (out / "log.txt").read_text()
 
 
-def test_resume_equals_uninterrupted(tmp_path, synthetic_data):
+def test_resume_equals_uninterrupted(tmp_path, small_data):
     args, model = short_fit_args(tmp_path / "full")
-    common.fit(model, synthetic_data, tmp_path / "full", common.make_recipe(args, "cnn"), **common.run_options(args))
+    common.fit(model, small_data, tmp_path / "full", common.make_recipe(args, "cnn"), **common.run_options(args))
 
     args, killed = short_fit_args(tmp_path / "killed")
     def dies_in_epoch_2(x, y, progress):
@@ -130,10 +130,10 @@ def test_resume_equals_uninterrupted(tmp_path, synthetic_data):
             raise KeyboardInterrupt
         return F.cross_entropy(killed(x), y), {}
     with pytest.raises(KeyboardInterrupt):
-        common.fit(killed, synthetic_data, tmp_path / "killed", common.make_recipe(args, "cnn"), loss_fn=dies_in_epoch_2,
+        common.fit(killed, small_data, tmp_path / "killed", common.make_recipe(args, "cnn"), loss_fn=dies_in_epoch_2,
                    **common.run_options(args))
     args, resumed = short_fit_args(tmp_path / "killed", "--resume")
-    common.fit(resumed, synthetic_data, tmp_path / "killed", common.make_recipe(args, "cnn"), **common.run_options(args))
+    common.fit(resumed, small_data, tmp_path / "killed", common.make_recipe(args, "cnn"), **common.run_options(args))
 
     a = torch.load(tmp_path / "full" / "model.pth", weights_only=True)["model"]
     b = torch.load(tmp_path / "killed" / "model.pth", weights_only=True)["model"]

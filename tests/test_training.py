@@ -12,9 +12,9 @@ from plumbing import session
 from conftest import TEACHER_FILE, make_args, short_fit_args, written_run
 
 
-def test_short_run_learns_and_writes_outputs(tmp_path, synthetic_data):
+def test_short_run_learns_and_writes_outputs(tmp_path, small_data):
     args, model = short_fit_args(tmp_path, "--epochs", 5)
-    summary = common.fit(model, synthetic_data, tmp_path, common.make_recipe(args, "cnn"), **common.run_options(args))
+    summary = common.fit(model, small_data, tmp_path, common.make_recipe(args, "cnn"), **common.run_options(args))
     assert summary["last_acc"] > 50  # chance is 10 %
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
