@@ -316,7 +316,7 @@ def in_child(part, configs, args, budget, report, nproc=None):
                str(results), "--deadline", repr(budget.deadline), "--device", args.device,
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--image-size", str(args.image_size),
                "--batch-size", str(args.batch_size), "--num-classes", str(args.num_classes),
-               "--configs", *["/".join(c) for c in configs]]
+               "--compile-backend", args.compile_backend, "--configs", *["/".join(c) for c in configs]]
     rows, killed = [], False
     with open(log, "w") as output:  # its own process group, so that torchrun's ranks are killed with it
         child = subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT,
@@ -362,6 +362,9 @@ def child_main(args):
     world = common.world_size()
     label = f"torchrun, {world} rank{'s' * (world > 1)}, {dist.get_backend()} DDP" if dist.is_initialized() \
         else args.child
+    if args.child == "compile" and args.compile_backend != "inductor":  # every torch.compile of this process
+        torch.compile = functools.partial(torch.compile, backend=args.compile_backend)
+        label += f" ({args.compile_backend})"
 
     def emit(row):
         if common.rank() == 0:
@@ -386,7 +389,8 @@ def two_epoch_runs(device_name, args, budget, report, folder):
         out = Path(folder) / device_name / method
         command = [sys.executable, str(ROOT / "blockwise_kd.py"), *TWO_EPOCHS, "--device", device_name,
                    "--checkpoint-dir", str(Path(folder) / device_name / "checkpoints"), "--out-dir", str(out),
-                   "--train-subset", str(args.two_epoch_images), *(KD_FLAGS if method == "kd" else [])]
+                   "--train-subset", str(args.two_epoch_images), "--test-subset", str(args.two_epoch_test_images),
+                   *(KD_FLAGS if method == "kd" else [])]
         started = time.time()
         try:
             done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False,
@@ -414,7 +418,7 @@ def two_epoch_part(args, device, budget, report):
         if device.type == "cpu":
             return
         cpu = two_epoch_runs("cpu", args, budget, report, folder)
-    reference = cpu or (CPU_REFERENCE if args.two_epoch_images == 3000 else {})
+    reference = cpu or (CPU_REFERENCE if (args.two_epoch_images, args.two_epoch_test_images) == (3000, 0) else {})
     for method in ("kd", "blockkd"):
         if method not in here or method not in reference:
             report.note(f"2 epochs, {LABELS[method]}: not compared (a run is missing)")
@@ -455,8 +459,14 @@ def parse_args(argv=None):
     parser.add_argument("--methods", nargs="+", choices=list(LABELS), help="only these methods (default all)")
     parser.add_argument("--parts", nargs="+", choices=PARTS,
                         help="only these parts (default all; compile only on CUDA unless named here)")
+    parser.add_argument("--compile-backend", choices=["inductor", "aot_eager"], default="inductor",
+                        help="the compile part's torch.compile backend (default inductor, as --compile; "
+                             "aot_eager: dynamo's capture without code generation, a quick check on a CPU)")
     parser.add_argument("--two-epoch-images", type=common.positive_int, default=3000,
                         help="training images of the 2-epoch runs (default 3000, CPU_REFERENCE's)")
+    parser.add_argument("--two-epoch-test-images", type=common.nonnegative_int, default=0,
+                        help="test images of the 2-epoch runs, a class-balanced subset (default 0: the whole "
+                             "test split, CPU_REFERENCE's)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "gpu_check" / "gpu_check.md",
                         help="the markdown tables (default runs/gpu_check/gpu_check.md); a .json beside it")
     parser.add_argument("--child", choices=["torchrun", "compile"], help="internal: run as in_child's child")

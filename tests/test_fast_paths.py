@@ -369,7 +369,8 @@ def dynamo_only(monkeypatch):
     """torch.compile with the aot_eager backend: dynamo's capture and AOTAutograd's forward + backward
     graphs, which is where our code meets the compiler (graph breaks, recompiles, guards on `progress`),
     without inductor's C++ code generation (about 40 s per graph on CI's CPU). Inductor itself runs in the
-    `alone` case of test_compiled_run_logs_what_the_eager_run_logs and in test_gpu_check.py's compile part."""
+    `alone` case of test_compiled_run_logs_what_the_eager_run_logs (test_gpu_check.py's compile part takes
+    aot_eager too, through gpu_check.py's --compile-backend)."""
     compile_with_inductor = torch.compile
 
     def compile_with_aot_eager(fn, **kwargs):
