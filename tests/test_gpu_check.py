@@ -1,7 +1,8 @@
 """benchmarks/gpu_check.py on the CPU: its table, its time budget, a failing config among others.
 
 benchmarks/gpu_check.py on the CPU: its table for one pair's methods (a subprocess, one thread), the budget's
-skips and cut, one failing config among others, and (marked slow) its torchrun, 2-epoch and compile parts."""
+skips and cut, one failing config among others, its 2-epoch part, and (marked slow) its torchrun and compile
+parts."""
 import json
 import math
 import os
@@ -98,17 +99,22 @@ def test_the_budget_uses_the_longest_config_of_its_kind():
     assert budget.skip_reason("compile").startswith("skipped: needs ~60 s")
 
 
-@pytest.mark.slow
-def test_torchrun_and_two_epoch_parts(tmp_path):
-    _, rows, _ = run_check(tmp_path, *R34_R18, "--methods", "kd", "--parts", "torchrun",
-                           "two-epoch", "--two-epoch-images", "200", "--two-epoch-test-images", "200", timeout=600)
-    step, kd, blockkd = rows
+@pytest.mark.slow  # beside the README's commands in CI's second job: the two parts split the jobs' time
+def test_torchrun_part(tmp_path):
+    _, rows, _ = run_check(tmp_path, *R34_R18, "--methods", "kd", "--parts", "torchrun", timeout=600)
+    (step,) = rows
     assert step["part"] == "torchrun, 1 rank, gloo DDP" and step["method"] == "kd"
     assert_measured(step)
+    assert (tmp_path / "check_logs" / "torchrun.log").exists()
+
+
+def test_two_epoch_part(tmp_path):
+    _, rows, _ = run_check(tmp_path, "--parts", "two-epoch", "--two-epoch-images", "200", "--two-epoch-test-images",
+                           "200", timeout=600)
+    kd, blockkd = rows
     for row, method in ((kd, "kd"), (blockkd, "blockkd")):
         assert row["table"] == "epochs" and row["method"] == method and row["device"] == "cpu", row
         assert row["note"] == "" and 0 <= row["test_acc"] <= 100 and math.isfinite(row["train_loss"]), row
-    assert (tmp_path / "check_logs" / "torchrun.log").exists()
 
 
 @pytest.mark.slow
