@@ -331,7 +331,8 @@ def distill(args, data, teacher, student):
             stage_mse[stage] = summaries[name]["last_epoch"][key]
             stage_rel[stage] = stage_mse[stage] / energies[k]
             common.log(f"SSKD stage {k + 1}: test feature MSE {stage_mse[stage]:.4g}, "
-                       f"{100 * stage_rel[stage]:.3g} % of the teacher's mean squared output")
+                       f"{100 * stage_rel[stage]:.3g} % of E_k (the teacher's mean squared output on the "
+                       "augmented training images, not the test ones)")
     torch.manual_seed(args.seed + len(backbone_phases))  # phase B
     summaries["head"] = train_head(args, data, student, head_epochs, out_dir / "head", teacher)
     for p in student.parameters():
