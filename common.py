@@ -647,8 +647,8 @@ def add_common_args(parser):
                    help="train on a class-balanced subset of N images (fixed choice, same for every seed)")
     g.add_argument("--test-subset", type=nonnegative_int, default=0, metavar="N",
                    help="evaluate on a class-balanced subset of N test images (fixed choice), for quick "
-                        "runs: its accuracies are not comparable with the whole test split's (default 0: "
-                        "the whole test split)")
+                        "runs: its accuracies are not comparable with the whole test split's; it changes what "
+                        "is measured, not what is learnt (default 0: the whole test split)")
     g.add_argument("--pipeline", choices=["auto", "device", "stream"], default="auto",
                    help="folder and imagenet: device (all images decoded once, kept on the device) or stream "
                         "(decoded batch by batch in --workers processes); auto (default): stream when the "

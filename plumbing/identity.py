@@ -8,10 +8,10 @@ from pathlib import Path
 
 # Flags that do not change what a run learns. They may differ when a run is resumed (a moved data folder,
 # another device) and are left out of default run-folder names. --amp and the other speed flags change
-# float rounding only.
+# float rounding only; --eval-every and --test-subset what is measured.
 RUN_ONLY_FLAGS = {"out_dir", "resume", "overwrite", "data_dir", "workers", "checkpoint_dir", "log_every",
-                  "eval_every", "device", "amp", "channels_last", "compile", "deterministic", "teacher_ckpt",
-                  "save_as_teacher", "allow_data_change", "accepted_data", "evaluate"}
+                  "eval_every", "test_subset", "device", "amp", "channels_last", "compile", "deterministic",
+                  "teacher_ckpt", "save_as_teacher", "allow_data_change", "accepted_data", "evaluate"}
 
 NAMED_FLAGS = {"model", "teacher", "student", "dataset", "image_size", "train_subset", "seed"}  # in the name
 

@@ -47,7 +47,7 @@ def test_run_json_records_the_resolved_recipe_and_epochs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run(monkeypatch, common.main, "--model", "resnet8", *TINY, "--epochs", 1)
     [folder] = (tmp_path / "runs").iterdir()
-    assert folder.name == "resnet8_synthetic-subset100_seed0_batch-size50_epochs1_test-subset100"
+    assert folder.name == "resnet8_synthetic-subset100_seed0_batch-size50_epochs1"
     config = json.loads((folder / "run.json").read_text())["config"]
     assert (config["recipe"], config["epochs"]) == ("cifar", 1)
 

@@ -54,7 +54,21 @@ def test_commands_that_train_differently_get_different_default_folders():
     assert kd_baseline == "runs/blockwise_kd_cifar100_seed0_alpha0.1_beta0.9_gamma0.0_stones-none"
     assert folder("--epochs", 20) != blockkd and folder("--no-detach-ensemble") != blockkd
     # Flags that do not change what is learned do not change the folder.
-    assert folder("--log-every", 5, "--data-dir", "elsewhere", "--eval-every", 2, "--amp", "bf16") == blockkd
+    assert folder("--log-every", 5, "--data-dir", "elsewhere", "--eval-every", 2, "--amp", "bf16",
+                  "--test-subset", 100) == blockkd
+
+
+def test_a_run_resumes_with_another_test_subset(tmp_path, monkeypatch, capsys):
+    """--test-subset changes what is measured, not what is learnt: not a training flag (run.json has no
+    record of it), so a run started before the flag existed, or with another subset, resumes."""
+    out = tmp_path / "run"
+    tiny_without_test_subset = TINY[:TINY.index("--test-subset")]
+    run(monkeypatch, common.main, "--model", "resnet8", *tiny_without_test_subset, "--epochs", 1, "--out-dir", out)
+    assert "test_subset" not in json.loads((out / "run.json").read_text())["config"]
+    capsys.readouterr()
+    run(monkeypatch, common.main, "--model", "resnet8", *TINY, "--epochs", 1, "--out-dir", out, "--resume")
+    out_lines = capsys.readouterr().out
+    assert "100 test images" in out_lines and "resumed" in out_lines and "error" not in out_lines
 
 
 def test_a_fresh_run_over_an_existing_one_is_refused_and_nothing_is_lost(tmp_path, monkeypatch, capsys):
