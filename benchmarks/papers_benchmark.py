@@ -23,6 +23,9 @@ Protocol [choice, each a flag below]:
     OMP_NUM_THREADS=1 nohup python benchmarks/papers_benchmark.py > runs/papers.log 2>&1 &   # resumable
     python benchmarks/papers_benchmark.py --table-only            # the table so far, in runs/papers/table.md
 
+SSKD's budget (`--rows sskd_s6_h2 sskd_s10_h2`: 6 or 10 epochs per stage, 2 for the head), and what limits a
+finished SSKD run, its stages or its head: benchmarks/sskd_probe.py.
+
 On one GPU the same protocol at 224 px (benchmarks/README.md's 224-px table: an H200, every run of a call at
 once, about 4 minutes per call of 14 runs; the teacher first, alone, 1.5 minutes):
 

@@ -1,5 +1,6 @@
 """SSKD (sskd.py): adapters, the stage loss, each phase training only its part, resume across phases, runs."""
 import json
+import sys
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ import torch.nn.functional as F
 import common
 import sskd
 from models import create_model, feature_shapes, stage_features
-from conftest import changed_keys, data_slice, frozen, make_args, method_run, snapshot, tiny_model
+from conftest import (ROOT, TEACHER_FILE, changed_keys, data_slice, frozen, make_args, method_run, read_summary,
+                      snapshot, tiny_model)
 
 
 def sskd_args(out_dir, *extra):
@@ -322,3 +324,19 @@ def test_sskd_script(finished_runs, workdir):
     assert set(summary["stage_feat_mse"]) == {"stage1", "stage2", "stage3"}
     assert all(isinstance(v, float) and v >= 0 for v in summary["stage_feat_mse"].values())
     assert not torch.equal(weights["conv1.weight"], teacher["conv1.weight"])
+
+
+def test_the_probe_of_a_finished_run_measures_what_the_run_logged(finished_runs, workdir):
+    """benchmarks/sskd_probe.py on the finished 1-epoch-per-phase run: the student's accuracy and each stage's
+    test MSE as the run logged them (a frozen stage does not drift in later phases), the teacher's as
+    load_teacher measured it."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sskd_probe
+    out_dir = finished_runs["sskd"][0]
+    result = sskd_probe.probe(out_dir, workdir / TEACHER_FILE, workdir / "data", test_subset=100)
+    summary = read_summary(out_dir)
+    assert result["student"] == pytest.approx(summary["last_acc"], abs=1.01)  # at most 1 of 100 images
+    assert result["teacher"] == pytest.approx(summary["teacher"]["test_acc"], abs=1.01)
+    assert result["stage MSE"] == pytest.approx([summary["stage_feat_mse"][f"stage{k}"] for k in (1, 2, 3)], rel=1e-3)
+    assert 0 <= result["teacher head on student body"] <= 100 and len(result["stage MSE / E_k (%)"]) == 3
+
