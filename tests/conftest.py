@@ -182,7 +182,8 @@ def synthetic_images_made_once():
         yield
 
 
-TINY = ["--dataset", "synthetic", "--train-subset", "100", "--batch-size", "50", "--test-subset", "100"]  # 2 steps per epoch, 1 test batch
+# 2 steps per epoch, 1 test batch
+TINY = ["--dataset", "synthetic", "--train-subset", "100", "--batch-size", "50", "--test-subset", "100"]
 
 
 def run(monkeypatch, main, *argv):
