@@ -7,8 +7,9 @@ For an SSKD run folder (model.pth, run.json) and the teacher it distilled, on th
 - the teacher itself;
 - each stage's test feature MSE relative to the teacher's mean squared stage output (E_k), the student's
   stages fed by its own earlier stages, as in the run.
-A body that mimics well gives the teacher's head nearly the teacher's accuracy; a head that is the limit
-leaves the student below the teacher's head on its features.
+For pairs whose stage outputs have the teacher's shapes (no adapters: they are dropped after their phase) and
+runs without --teacher-input. A body that mimics well gives the teacher's head nearly the teacher's accuracy;
+a head that is the limit leaves the student below the teacher's head on its features.
 
     python benchmarks/sskd_probe.py runs/papers/sskd_tv_resnet18_seed0 --teacher-ckpt \\
         runs/papers/teacher_tv_resnet34/model.pth
@@ -23,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+import sskd  # noqa: E402
 from models import create_model, stage_features  # noqa: E402
 from plumbing.weights import load_weights  # noqa: E402
 
@@ -43,20 +45,24 @@ def probe(run_dir, teacher_ckpt, data_dir, threads=1, test_subset=0):
     data = common.load_data(args, torch.device("cpu"))
     student = create_model(flags["student"], data.num_classes).eval()
     teacher = create_model(flags["teacher"], data.num_classes).eval()
+    shapes = sskd.stage_shapes(student, teacher, data.image_size)
+    if flags.get("teacher_input") or any(s != t for s, t in shapes):
+        raise SystemExit(f"error: {run_dir} is not a run this probe reads: it compares the student's stages with "
+                         "the teacher's as they are, so it needs stage outputs of the teacher's shapes (these: "
+                         f"{shapes}) and a run without --teacher-input")
     load_weights(student, run_dir / "model.pth")
     load_weights(teacher, teacher_ckpt)
     correct = {"student": 0, "teacher head on student body": 0, "teacher": 0}
-    squared, energy = None, None
+    squared, energy = [0.0] * len(shapes), [0.0] * len(shapes)  # sums over the images of per-image means
     for x, y in data.test_batches(250):
         s_feats, s_logits = stage_features(student, x)
         t_feats, t_logits = stage_features(teacher, x)
         correct["student"] += (s_logits.argmax(1) == y).sum().item()
         correct["teacher head on student body"] += (teacher.head()(s_feats[-1]).argmax(1) == y).sum().item()
         correct["teacher"] += (t_logits.argmax(1) == y).sum().item()
-        errors = [(s - t).pow(2).sum().item() / s[0].numel() for s, t in zip(s_feats, t_feats)]
-        energies = [t.pow(2).sum().item() / t[0].numel() for t in t_feats]
-        squared = errors if squared is None else [a + b for a, b in zip(squared, errors)]
-        energy = energies if energy is None else [a + b for a, b in zip(energy, energies)]
+        for k, (s, t) in enumerate(zip(s_feats, t_feats)):
+            squared[k] += (s - t).pow(2).sum().item() / s[0].numel()
+            energy[k] += t.pow(2).sum().item() / t[0].numel()
     n = len(data.test_y)
     result = {name: round(100 * c / n, 2) for name, c in correct.items()}
     result["stage MSE"] = [float(f"{e / n:.4g}") for e in squared]

@@ -340,3 +340,17 @@ def test_the_probe_of_a_finished_run_measures_what_the_run_logged(finished_runs,
     assert result["stage MSE"] == pytest.approx([summary["stage_feat_mse"][f"stage{k}"] for k in (1, 2, 3)], rel=1e-3)
     assert 0 <= result["teacher head on student body"] <= 100 and len(result["stage MSE / E_k (%)"]) == 3
 
+
+def test_the_probe_refuses_a_run_whose_stages_it_cannot_compare(tmp_path):
+    """A pair with adapters (their weights are not kept) or a --teacher-input run: one line, nothing loaded."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sskd_probe
+    cases = {"adapted": {"student": "wrn_16_2"}, "teacher_input": {"student": "resnet8", "teacher_input": True}}
+    for name, flags in cases.items():
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        config = {"dataset": "synthetic", "train_subset": 100, "teacher": "resnet8", **flags}
+        (run_dir / "run.json").write_text(json.dumps({"config": config}))
+        with pytest.raises(SystemExit, match=f"error: {run_dir} is not a run this probe reads"):
+            sskd_probe.probe(run_dir, tmp_path / "no_teacher.pth", tmp_path, test_subset=100)
+
