@@ -476,19 +476,6 @@ def prepare_training(model, train_modules, loss_fn, recipe, fast, device):
     return optimizer, make_train_step(loss_fn, optimizer, params, recipe, fast, device)
 
 
-def build_model(name, num_classes, device, sync_bn=False):
-    """A fresh model on `device` (fit puts it in channels_last where the fast paths say so); with sync_bn,
-    under torchrun, its BatchNorms synchronised across ranks (for a model that trains, never a teacher)."""
-    model = create_model(name, num_classes).to(device)
-    if sync_bn and world_size() > 1:
-        synchronise_batchnorm(model)
-    return model
-
-
-def count_params(module):
-    return sum(p.numel() for p in module.parameters())
-
-
 def classification_loss(model, label_smoothing):
     """fit's default loss_fn: cross-entropy of the model's logits, no logged terms."""
     def loss_fn(x, y, progress):
@@ -608,6 +595,19 @@ def evaluate(data, eval_fn, model, train_modules, fast):
 
 
 # ------------------------------------------------------------------- the entry points every script calls
+
+def build_model(name, num_classes, device, sync_bn=False):
+    """A fresh model on `device` (fit puts it in channels_last where the fast paths say so); with sync_bn,
+    under torchrun, its BatchNorms synchronised across ranks (for a model that trains, never a teacher)."""
+    model = create_model(name, num_classes).to(device)
+    if sync_bn and world_size() > 1:
+        synchronise_batchnorm(model)
+    return model
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
+
 
 def family_defaults(key):
     """'cifar: cnn 64, token 128; imagenet: ...': a recipe entry's defaults, for --help (from RECIPES)."""

@@ -69,27 +69,31 @@ def build_teacher(method, channels_last):
 
 
 class Recorder:
-    """The dtypes of tensors seen inside a run, by name, and the modules a method built internally."""
+    """The dtypes of tensors seen inside a run, by name, and the modules a method built internally.
 
-    def __init__(self):
-        self.dtypes, self.modules = defaultdict(set), defaultdict(list)
+    With record_dtypes=False it records modules only: under torch.compile, each new dtype in `dtypes` fails a
+    dynamo guard and recompiles the whole train step, which the compile tests need not pay for."""
+
+    def __init__(self, record_dtypes=True):
+        self.record_dtypes, self.dtypes, self.modules = record_dtypes, defaultdict(set), defaultdict(list)
 
     def __call__(self, name, *tensors):
-        for t in tensors:
-            self.dtypes[name].add(t.dtype)
+        if self.record_dtypes:
+            for t in tensors:
+                self.dtypes[name].add(t.dtype)
 
     def training_output(self, name):
         """A forward hook recording the output dtype of a module while it trains."""
         return lambda module, inputs, output: self(name, output) if module.training else None
 
 
-def train(method, data, out_dir, *flags):
+def train(method, data, out_dir, *flags, record_dtypes=True):
     """One seeded run of `method` with `flags`; returns (student, {name: trained helper modules}, Recorder).
 
     The method's own functions are wrapped (not replaced) to record the dtypes that flow through them."""
     out_dir = Path(out_dir)
     argv = ("--dataset", "synthetic", "--out-dir", out_dir, *flags)
-    rec = Recorder()
+    rec = Recorder(record_dtypes)
     with pytest.MonkeyPatch.context() as mp:
         if method == "alone":
             args = make_args(*argv)
@@ -151,7 +155,8 @@ def train(method, data, out_dir, *flags):
             student = models.create_model("resnet8", 10)
             student.fc.register_forward_hook(rec.training_output("student logits"))  # the head phase
             sskd.distill(args, data, teacher, student)
-            assert len(rec.modules["adapters"]) == 3 and all(isinstance(a, sskd.Adapter) for a in rec.modules["adapters"])
+            adapters = rec.modules["adapters"]
+            assert len(adapters) == 3 and all(isinstance(a, sskd.Adapter) for a in adapters)
             return student, {"adapters": rec.modules["adapters"]}, rec
 
         if method == "lfcc":
@@ -419,17 +424,19 @@ def test_compiled_step_sees_every_progress_value(dynamo_only):
 
 
 # 2 epochs of 10 steps on small_data's 640 images (SSKD: 2 per phase), batch 64, fp32 and NCHW so that only
-# compilation differs. For Block-KD this is the reproduction of the bug: teacher resnet8, student resnet8,
-# --epochs 2, the default ramp (20/240 of 2 epochs = 0.1667), so the mean ramp of the epochs must be 0.86 and 1.
+# compilation differs, evaluated on 100 test images (evaluation is eager in both runs). For Block-KD this is the
+# reproduction of the bug: teacher resnet8, student resnet8, --epochs 2, the default ramp (20/240 of 2 epochs =
+# 0.1667), so the mean ramp of the epochs must be 0.86 and 1.
 COMPILE_RUN = {"alone": ("--epochs", 2), "blockwise_kd": ("--epochs", 2), "sskd": ("--epochs", 8),
                "lfcc": ("--epochs", 2)}
+COMPILE_TEST_IMAGES = 100
 
 # Compiled against eager, measured on the CPU (torch 2.14, 20 steps): training losses and terms differ by
-# at most 1.7e-4 relative (Block-KD's cross term, SSKD's head loss), test metrics by at most 3.0e-4 (SSKD's
-# stage-3 test feature MSE), accuracies by at most 2 test images (0.4 points of 500). Tolerances: 2e-3
-# relative (about 7x), 1 point (5 test images) for accuracies. The bug it guards against moved the ramp by
-# 37 % and everything weighted by it.
-COMPILE_REL, COMPILE_ACC_POINTS = 2e-3, 1.0
+# at most 4.0e-4 relative (Block-KD's cross term; aot_eager runs SSKD's and LFCC's steps to the same bits),
+# accuracies by at most 2 of 500 test images (none of 100). Tolerances: 2e-3 relative (5x), 5 points (5 of
+# the 100 test images) for accuracies. The bug it guards against moved the ramp by 37 % and everything weighted
+# by it.
+COMPILE_REL, COMPILE_ACC_POINTS = 2e-3, 5.0
 
 
 @pytest.mark.slow
@@ -438,14 +445,16 @@ def test_compiled_run_logs_what_the_eager_run_logs(method, small_data, tmp_path,
     if method != "alone":  # the methods' own code is traced by dynamo; inductor once, for the classifier
         request.getfixturevalue("dynamo_only")
     flags = (*COMPILE_RUN[method], "--batch-size", 64, *FP32)
-    train(method, small_data, tmp_path / "eager", *flags)
+    data = data_slice(small_data, 640, COMPILE_TEST_IMAGES)
+    train(method, data, tmp_path / "eager", *flags, record_dtypes=False)
     torch._dynamo.reset()  # a fresh compile cache: earlier tests' graphs count towards dynamo's recompile limit
     counters.clear()
-    train(method, small_data, tmp_path / "compiled", *flags, "--compile")
+    train(method, data, tmp_path / "compiled", *flags, "--compile", record_dtypes=False)
     assert counters["stats"]["unique_graphs"] >= 1  # it did compile
     eager, compiled = logged(tmp_path / "eager"), logged(tmp_path / "compiled")
     assert not disagreements(eager, compiled, COMPILE_REL, COMPILE_ACC_POINTS)
-    fits = [s for s in map(json.loads, map(Path.read_text, (tmp_path / "compiled").rglob("summary.json"))) if "fast_paths" in s]
+    summaries = map(json.loads, map(Path.read_text, (tmp_path / "compiled").rglob("summary.json")))
+    fits = [s for s in summaries if "fast_paths" in s]
     assert fits and all(s["fast_paths"]["compile"] == "default" for s in fits)
     if method == "blockwise_kd":
         for values in (eager, compiled):
