@@ -4,7 +4,7 @@ torchrun / DistributedDataParallel on CPU (gloo, 2 processes): two ranks train a
 checkpoint moves between world sizes, the shards are exactly the epoch, and under torchrun a stop or a refusal
 is rank 0's one line.
 
-One spawn of 2 worker processes (torch.multiprocessing, a file rendezvous) runs every 2-rank training case of
+One fork of 2 worker processes (torch.multiprocessing, a file rendezvous) runs every 2-rank training case of
 this file; the single-process references run in the test process. The students have no BatchNorm (the tiny
 MLP-Mixer) and the teachers are frozen, so that 2 ranks and 1 process compute the same gradients."""
 import argparse
@@ -93,7 +93,7 @@ def worker(rank, data, folder, z_student, z_teacher, streamed):
 
 @pytest.fixture(scope="module")
 def runs(synthetic_data, tmp_path_factory):
-    """The single-process references, then every 2-rank case in one spawn: ({case: weights}, {case: weights
+    """The single-process references, then every 2-rank case in one fork: ({case: weights}, {case: weights
     of rank 0 and 1}, the embeddings of the InfoNCE case, the run folders)."""
     folder = tmp_path_factory.mktemp("distributed")
     data = data_slice(synthetic_data, 99, 50)
@@ -108,7 +108,9 @@ def runs(synthetic_data, tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     z_student = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=1)
     z_teacher = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=1)
-    mp.spawn(worker, args=(data, folder, z_student, z_teacher, streamed), nprocs=WORLD, join=True)
+    # Forked, not spawned: the workers start with torch and these modules imported (about 5 s less CPU).
+    mp.start_processes(worker, args=(data, folder, z_student, z_teacher, streamed), nprocs=WORLD, join=True,
+                       start_method="fork")
     ranks = [torch.load(folder / f"results{r}.pt", weights_only=True) for r in range(WORLD)]
     return single, ranks, (z_student, z_teacher), folder, data
 
