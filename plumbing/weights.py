@@ -1,6 +1,7 @@
 """Weight files and the teacher cache: one loader with one-line checks for every weights file (teachers,
 --pretrained, --evaluate), torchvision's weights, a new head for fine-tuning, and the cache of teachers under
 --checkpoint-dir (where a teacher of this data is, who makes a missing one, the run's own copy of it)."""
+import functools
 import os
 import re
 from pathlib import Path
@@ -39,8 +40,7 @@ def read_weights(path, arch, num_classes):
         raise SystemExit(f"error: {path} holds no state_dict (expected a dict of tensors, or a dict with a "
                          "'model' entry)")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    with torch.device("meta"):
-        wanted = {k: tuple(v.shape) for k, v in create_model(arch, num_classes).state_dict().items()}
+    wanted = state_dict_shapes(arch, num_classes)
     if {k: tuple(v.shape) for k, v in state.items()} == wanted:
         return state, checkpoint
     found_arch = checkpoint.get("arch") if isinstance(checkpoint, dict) else None
@@ -64,16 +64,18 @@ def load_weights(model, path):
     return checkpoint
 
 
+@functools.cache  # a function of the code alone; identify_architecture asks for every model
+def state_dict_shapes(arch, num_classes):
+    """{key: shape} of the state_dict of `arch` with `num_classes` classes, from a model on the meta device."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in create_model(arch, num_classes).state_dict().items()}
+
+
 def identify_architecture(state_dict):
-    """The zoo name whose state_dict keys and shapes match, or None. Builds models on the meta device."""
+    """The zoo name whose state_dict keys and shapes match, or None."""
     num_classes = state_dict_classes(state_dict) or 100
     shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
-    for name in MODEL_NAMES:
-        with torch.device("meta"):
-            reference = create_model(name, num_classes).state_dict()
-        if {k: tuple(v.shape) for k, v in reference.items()} == shapes:
-            return name
-    return None
+    return next((name for name in MODEL_NAMES if state_dict_shapes(name, num_classes) == shapes), None)
 
 
 def torchvision_weights(name, weights_name, run_copy=None):
