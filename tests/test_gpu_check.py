@@ -1,8 +1,8 @@
 """benchmarks/gpu_check.py on the CPU: its table, its time budget, a failing config among others.
 
 benchmarks/gpu_check.py on the CPU: its table for one pair's methods (a subprocess, one thread), the budget's
-skips and cut, one failing config among others, its 2-epoch part, and (marked slow) its torchrun and compile
-parts."""
+skips and cut, one failing config among others, its 2-epoch part, and its torchrun and compile parts. The
+table and those two parts are marked slow: CI runs them beside the default suite."""
 import json
 import math
 import os
@@ -38,6 +38,7 @@ def assert_measured(row):
     assert row["finite"] and math.isfinite(row["loss_first"]) and math.isfinite(row["loss_last"]), row
 
 
+@pytest.mark.slow  # in CI's second job, which has the time to spare
 def test_eager_table_of_one_pair(tmp_path):
     stdout, rows, markdown = run_check(tmp_path, *R34_R18, "--parts", "eager")
     assert [r["method"] for r in rows] == ["kd", "blockkd", "sskd_stage", "sskd_head"]
