@@ -110,8 +110,8 @@ def test_torchrun_part(tmp_path):
 
 
 def test_two_epoch_part(tmp_path):
-    _, rows, _ = run_check(tmp_path, "--parts", "two-epoch", "--two-epoch-images", "200", "--two-epoch-test-images",
-                           "200", timeout=600)
+    _, rows, _ = run_check(tmp_path, "--parts", "two-epoch", "--two-epoch-images", "100", "--two-epoch-test-images",
+                           "100", timeout=600)
     kd, blockkd = rows
     for row, method in ((kd, "kd"), (blockkd, "blockkd")):
         assert row["table"] == "epochs" and row["method"] == method and row["device"] == "cpu", row
