@@ -87,7 +87,8 @@ class Data:
 
     def keep_test(self, keep):
         """Evaluate on the test images at indices `keep` only (--test-subset)."""
-        self.test_x, self.test_y = self.test_x[keep.to(self.device)], self.test_y[keep.to(self.device)]
+        keep = keep.to(self.device)
+        self.test_x, self.test_y = self.test_x[keep], self.test_y[keep]
 
     def to(self, device):
         for key in ("train_x", "train_y", "test_x", "test_y", "mean", "std"):
