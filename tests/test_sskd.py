@@ -326,12 +326,18 @@ def test_sskd_script(finished_runs, workdir):
     assert not torch.equal(weights["conv1.weight"], teacher["conv1.weight"])
 
 
-def test_the_probe_of_a_finished_run_measures_what_the_run_logged(finished_runs, workdir):
+@pytest.fixture(scope="module")
+def sskd_probe():
+    """benchmarks/sskd_probe.py as a module."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sskd_probe
+    return sskd_probe
+
+
+def test_the_probe_of_a_finished_run_measures_what_the_run_logged(finished_runs, workdir, sskd_probe):
     """benchmarks/sskd_probe.py on the finished 1-epoch-per-phase run: the student's accuracy and each stage's
     test MSE as the run logged them (a frozen stage does not drift in later phases), the teacher's as
     load_teacher measured it."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import sskd_probe
     out_dir = finished_runs["sskd"][0]
     result = sskd_probe.probe(out_dir, workdir / TEACHER_FILE, workdir / "data", test_subset=100)
     summary = read_summary(out_dir)
@@ -341,10 +347,8 @@ def test_the_probe_of_a_finished_run_measures_what_the_run_logged(finished_runs,
     assert 0 <= result["teacher head on student body"] <= 100 and len(result["stage MSE / E_k (%)"]) == 3
 
 
-def test_the_probe_refuses_a_run_whose_stages_it_cannot_compare(tmp_path):
+def test_the_probe_refuses_a_run_whose_stages_it_cannot_compare(tmp_path, sskd_probe):
     """A pair with adapters (their weights are not kept) or a --teacher-input run: one line, nothing loaded."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import sskd_probe
     cases = {"adapted": {"student": "wrn_16_2"}, "teacher_input": {"student": "resnet8", "teacher_input": True}}
     for name, flags in cases.items():
         run_dir = tmp_path / name
@@ -353,4 +357,3 @@ def test_the_probe_refuses_a_run_whose_stages_it_cannot_compare(tmp_path):
         (run_dir / "run.json").write_text(json.dumps({"config": config}))
         with pytest.raises(SystemExit, match=f"error: {run_dir} is not a run this probe reads"):
             sskd_probe.probe(run_dir, tmp_path / "no_teacher.pth", tmp_path, test_subset=100)
-
